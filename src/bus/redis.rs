@@ -1,0 +1,498 @@
+//! The Redis bus: one atomic script per publication, one pub/sub subscription per
+//! channel with local subscribers, health checks with reconnect counting.
+//!
+//! Keys of a channel share the hash tag `{channel}` so Redis Cluster keeps them on one
+//! slot. Publications travel on pub/sub as `"<offset> <epoch> t<micros> <json>"` (the
+//! timestamp is optional: see `split_timestamp`).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushInfo, PushKind, Script, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{
+    assemble_recovery, new_epoch, BusError, HistoryPolicy, HistoryRead, Position, Publication,
+    PublishOutcome, PublishRequest, Recovery, DEDUPE_TTL,
+};
+use crate::hub::Hub;
+use crate::metrics as m;
+
+/// Subscription changes waiting for the subscriber task.
+const SUBSCRIPTION_QUEUE: usize = 4096;
+/// Subscription changes sent to Redis in one command at most.
+const SUBSCRIPTION_BATCH: usize = 512;
+const HEALTH_PERIOD: Duration = Duration::from_secs(1);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Redis key names. All keys of a channel carry its hash tag.
+pub mod keys {
+    pub fn meta(channel: &str) -> String {
+        format!("pgfanout:{{{channel}}}:meta")
+    }
+    pub fn history(channel: &str) -> String {
+        format!("pgfanout:{{{channel}}}:history")
+    }
+    pub fn dedupe(channel: &str, key: &str) -> String {
+        format!("pgfanout:{{{channel}}}:dedupe:{key}")
+    }
+    pub fn pubsub(channel: &str) -> String {
+        format!("pgfanout:{{{channel}}}:pub")
+    }
+    /// The channel name inside a pub/sub channel name.
+    pub fn channel_of_pubsub(name: &[u8]) -> Option<&str> {
+        let name = std::str::from_utf8(name).ok()?;
+        name.strip_prefix("pgfanout:{")?.strip_suffix("}:pub")
+    }
+}
+
+#[derive(Clone)]
+pub struct RedisBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    history: Arc<HistoryPolicy>,
+    commands: ConnectionManager,
+    subscriptions: mpsc::Sender<SubscriptionChange>,
+    up: AtomicBool,
+    publish: Script,
+    recover: Script,
+}
+
+enum SubscriptionChange {
+    Watch(Arc<str>, oneshot::Sender<Result<(), String>>),
+    Unwatch(Arc<str>),
+}
+
+impl RedisBus {
+    /// Connects the command and subscriber connections and starts the subscriber and
+    /// health tasks.
+    ///
+    /// # Errors
+    /// Redis unreachable or the URL invalid.
+    pub async fn connect(
+        url: &str,
+        hub: Arc<Hub>,
+        history: Arc<HistoryPolicy>,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<Self, BusError> {
+        let client = redis::Client::open(url)?;
+        let manager_config = || {
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(COMMAND_TIMEOUT))
+                .set_response_timeout(Some(COMMAND_TIMEOUT))
+                .set_max_delay(Duration::from_secs(2))
+        };
+        let commands = client
+            .get_connection_manager_with_config(manager_config())
+            .await?;
+
+        let info = client.get_connection_info().clone();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let resp3 = redis::Client::open(info.set_redis_settings(settings))?;
+        let push_hub = hub.clone();
+        let pubsub_config = manager_config()
+            .set_automatic_resubscription()
+            .set_push_sender(move |push: PushInfo| {
+                on_push(&push_hub, push);
+                Ok::<(), redis::aio::SendError>(())
+            });
+        let pubsub = resp3
+            .get_connection_manager_with_config(pubsub_config)
+            .await?;
+
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
+        let bus = Self {
+            inner: Arc::new(Inner {
+                history,
+                commands,
+                subscriptions: tx,
+                up: AtomicBool::new(true),
+                publish: Script::new(include_str!("publish.lua")),
+                recover: Script::new(include_str!("recover.lua")),
+            }),
+        };
+        tracker.spawn(run_subscriber(pubsub.clone(), hub, rx, cancel.clone()));
+        tracker.spawn(bus.clone().check_health(pubsub, cancel));
+        Ok(bus)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.inner.up.load(Ordering::Relaxed)
+    }
+
+    /// A clone of the command connection, for other users of Redis on this node (leases, limits).
+    pub fn connection(&self) -> ConnectionManager {
+        self.inner.commands.clone()
+    }
+
+    pub fn history(&self) -> &HistoryPolicy {
+        &self.inner.history
+    }
+
+    pub async fn publish(&self, req: PublishRequest<'_>) -> Result<PublishOutcome, BusError> {
+        let h = self.inner.history.for_channel(req.channel);
+        let meta_ttl = self.inner.history.meta_ttl;
+        let meta = keys::meta(req.channel);
+        let dedupe = req.idempotency_key.map(|k| keys::dedupe(req.channel, k));
+        let lease = req.fence.map(|f| f.key.as_str());
+        let mut invocation = self.inner.publish.prepare_invoke();
+        invocation
+            .key(&meta)
+            .key(keys::history(req.channel))
+            .key(dedupe.as_deref().unwrap_or(&meta))
+            .key(lease.unwrap_or(&meta))
+            .arg(&req.data[..])
+            .arg(h.size)
+            .arg(ttl_secs(h.ttl))
+            .arg(ttl_secs(meta_ttl))
+            .arg(new_epoch())
+            .arg(keys::pubsub(req.channel))
+            .arg(if dedupe.is_some() {
+                ttl_secs(DEDUPE_TTL)
+            } else {
+                0
+            })
+            .arg(req.fence.map_or("", |f| f.token.as_str()))
+            .arg(super::now_micros());
+        let mut conn = self.inner.commands.clone();
+        let (status, offset, epoch): (i64, u64, String) =
+            invocation.invoke_async(&mut conn).await?;
+        match status {
+            1 => Ok(PublishOutcome::Published { offset, epoch }),
+            2 => Ok(PublishOutcome::Duplicate { offset }),
+            0 => Ok(PublishOutcome::Fenced),
+            other => Err(BusError::Protocol(format!("publish status {other}"))),
+        }
+    }
+
+    pub async fn recover(
+        &self,
+        channel: &str,
+        since: Option<&Position>,
+    ) -> Result<Recovery, BusError> {
+        let policy = &self.inner.history;
+        let history = policy.for_channel(channel);
+        let cap = policy.recovery_max;
+        let read = self.read_history(channel, since, cap, cap).await?;
+        Ok(assemble_recovery(read, since, cap, history.enabled()))
+    }
+
+    /// Reads the channel's position and, with `since` in the current epoch, up to `count`
+    /// history entries after it; none when the reader missed more than `limit` (0 = no
+    /// limit).
+    ///
+    /// # Errors
+    /// Redis unreachable or a script failure.
+    pub async fn read_history(
+        &self,
+        channel: &str,
+        since: Option<&Position>,
+        count: u32,
+        limit: u32,
+    ) -> Result<HistoryRead, BusError> {
+        let mut invocation = self.inner.recover.prepare_invoke();
+        invocation
+            .key(keys::meta(channel))
+            .key(keys::history(channel))
+            .arg(new_epoch())
+            .arg(ttl_secs(self.inner.history.meta_ttl))
+            .arg(since.map_or(String::new(), |p| p.offset.to_string()))
+            .arg(since.map_or("", |p| p.epoch.as_str()))
+            .arg(count.max(1))
+            .arg(limit);
+        let mut conn = self.inner.commands.clone();
+        let reply: Value = invocation.invoke_async(&mut conn).await?;
+        parse_recover_reply(reply)
+    }
+
+    pub async fn watch(&self, channel: &str) -> Result<(), BusError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .subscriptions
+            .send(SubscriptionChange::Watch(Arc::from(channel), tx))
+            .await
+            .map_err(|_| BusError::Closed)?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BusError::Protocol(format!("subscribe failed: {e}"))),
+            Err(_) => Err(BusError::Closed),
+        }
+    }
+
+    pub fn unwatch(&self, channel: &str) {
+        // A full queue only delays dropping an unused subscription until the next change.
+        let _ = self
+            .inner
+            .subscriptions
+            .try_send(SubscriptionChange::Unwatch(Arc::from(channel)));
+    }
+
+    /// Pings both connections every second; `up` is true while both answer.
+    async fn check_health(self, mut pubsub: ConnectionManager, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(HEALTH_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut commands = self.inner.commands.clone();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let ping = |conn: &mut ConnectionManager| {
+                let mut conn = conn.clone();
+                async move {
+                    tokio::time::timeout(
+                        COMMAND_TIMEOUT,
+                        redis::cmd("PING").query_async::<()>(&mut conn),
+                    )
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                }
+            };
+            let up = ping(&mut commands).await && ping(&mut pubsub).await;
+            let was_up = self.inner.up.swap(up, Ordering::Relaxed);
+            match (was_up, up) {
+                (true, false) => tracing::warn!("redis unreachable"),
+                (false, true) => {
+                    tracing::info!("redis reachable again");
+                    metrics::counter!(m::REDIS_RECONNECTS).increment(1);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn ttl_secs(d: Duration) -> u64 {
+    d.as_secs().max(1)
+}
+
+/// Called by the Redis connection for every push: publications go straight to the hub
+/// (non-blocking), so no queue sits between Redis and the sessions.
+fn on_push(hub: &Hub, push: PushInfo) {
+    match push.kind {
+        PushKind::Message => {
+            if let Some(publication) = parse_message(push.data) {
+                hub.deliver(&publication);
+            } else {
+                metrics::counter!(m::MESSAGES_DROPPED, "reason" => "malformed_bus_message")
+                    .increment(1);
+            }
+        }
+        PushKind::Disconnection => {
+            tracing::warn!("redis subscriber connection lost; it reconnects and resubscribes");
+        }
+        _ => {}
+    }
+}
+
+fn parse_message(mut data: Vec<Value>) -> Option<Publication> {
+    let payload = match data.pop()? {
+        Value::BulkString(b) => Bytes::from(b),
+        _ => return None,
+    };
+    let channel = match data.pop()? {
+        Value::BulkString(name) => Arc::<str>::from(keys::channel_of_pubsub(&name)?),
+        _ => return None,
+    };
+    let space = payload.iter().position(|b| *b == b' ')?;
+    let offset = std::str::from_utf8(&payload[..space]).ok()?.parse().ok()?;
+    let rest = payload.slice(space + 1..);
+    let space = rest.iter().position(|b| *b == b' ')?;
+    let epoch = Arc::<str>::from(std::str::from_utf8(&rest[..space]).ok()?);
+    let (ts, data) = super::split_timestamp(rest.slice(space + 1..));
+    Some(Publication {
+        channel,
+        offset,
+        epoch,
+        data,
+        ts,
+    })
+}
+
+fn parse_recover_reply(reply: Value) -> Result<HistoryRead, BusError> {
+    let bad = |what: &str| BusError::Protocol(format!("recover reply: {what}"));
+    let Value::Array(mut parts) = reply else {
+        return Err(bad("not an array"));
+    };
+    let entries = if parts.len() == 3 { parts.pop() } else { None };
+    let offset = match parts.pop() {
+        Some(Value::Int(n)) => u64::try_from(n).map_err(|_| bad("negative offset"))?,
+        _ => return Err(bad("offset")),
+    };
+    let epoch = match parts.pop() {
+        Some(Value::BulkString(b)) => String::from_utf8(b).map_err(|_| bad("epoch"))?,
+        _ => return Err(bad("epoch")),
+    };
+    let entries = match entries {
+        None => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .into_iter()
+                .map(|item| parse_stream_entry(item).ok_or_else(|| bad("stream entry")))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        Some(_) => return Err(bad("entries")),
+    };
+    Ok(HistoryRead {
+        position: Position { offset, epoch },
+        entries,
+    })
+}
+
+/// `[id, [field, value]]` with id `"<offset>-1"` and field `d`.
+fn parse_stream_entry(item: Value) -> Option<(u64, Bytes)> {
+    let Value::Array(mut pair) = item else {
+        return None;
+    };
+    let fields = pair.pop()?;
+    let id = match pair.pop()? {
+        Value::BulkString(b) => b,
+        Value::SimpleString(s) => s.into_bytes(),
+        _ => return None,
+    };
+    let id = std::str::from_utf8(&id).ok()?;
+    let offset = id.split_once('-')?.0.parse().ok()?;
+    let Value::Array(mut fv) = fields else {
+        return None;
+    };
+    match fv.pop()? {
+        Value::BulkString(b) => Some((offset, Bytes::from(b))),
+        _ => None,
+    }
+}
+
+/// Owns the subscriber connection's subscription set: one SUBSCRIBE per channel with
+/// local interest, changes applied in order and in batches.
+async fn run_subscriber(
+    mut pubsub: ConnectionManager,
+    hub: Arc<Hub>,
+    mut changes: mpsc::Receiver<SubscriptionChange>,
+    cancel: CancellationToken,
+) {
+    let mut subscribed: HashSet<Arc<str>> = HashSet::new();
+    loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => return,
+            change = changes.recv() => match change {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < SUBSCRIPTION_BATCH {
+            match changes.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let mut to_subscribe: HashSet<Arc<str>> = HashSet::new();
+        let mut watchers = Vec::new();
+        let mut unwatched = Vec::new();
+        for change in batch {
+            match change {
+                SubscriptionChange::Watch(channel, reply) => {
+                    if !subscribed.contains(&channel) {
+                        to_subscribe.insert(channel);
+                    }
+                    watchers.push(reply);
+                }
+                SubscriptionChange::Unwatch(channel) => unwatched.push(channel),
+            }
+        }
+        let result = if to_subscribe.is_empty() {
+            Ok(())
+        } else {
+            let names: Vec<String> = to_subscribe.iter().map(|c| keys::pubsub(c)).collect();
+            pubsub.subscribe(names).await.map_err(|e| e.to_string())
+        };
+        if result.is_ok() {
+            subscribed.extend(to_subscribe);
+        }
+        for watcher in watchers {
+            let _ = watcher.send(result.clone());
+        }
+        // Decided against the hub's current state, after the subscribes: a session that
+        // joined meanwhile keeps its channel.
+        let to_unsubscribe: HashSet<Arc<str>> = unwatched
+            .into_iter()
+            .filter(|c| subscribed.contains(c) && !hub.has_subscribers(c))
+            .collect();
+        if !to_unsubscribe.is_empty() {
+            let names: Vec<String> = to_unsubscribe.iter().map(|c| keys::pubsub(c)).collect();
+            match pubsub.unsubscribe(names).await {
+                Ok(()) => subscribed.retain(|c| !to_unsubscribe.contains(c)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "unsubscribe failed; kept for the next change")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_messages_parse_into_publications() {
+        let data = vec![
+            Value::BulkString(keys::pubsub("orders").into_bytes()),
+            Value::BulkString(b"12 abcd {\"id\":1}".to_vec()),
+        ];
+        let p = parse_message(data).unwrap();
+        assert_eq!(&*p.channel, "orders");
+        assert_eq!(p.offset, 12);
+        assert_eq!(&*p.epoch, "abcd");
+        assert_eq!(&p.data[..], b"{\"id\":1}");
+        assert_eq!(p.ts, 0, "no timestamp");
+
+        let p = parse_message(vec![
+            Value::BulkString(keys::pubsub("orders").into_bytes()),
+            Value::BulkString(b"13 abcd t1700000000000000 true".to_vec()),
+        ])
+        .unwrap();
+        assert_eq!(
+            (p.offset, p.ts, &p.data[..]),
+            (13, 1_700_000_000_000_000, &b"true"[..])
+        );
+    }
+
+    #[test]
+    fn malformed_bus_messages_are_rejected() {
+        let bad = |payload: &[u8]| {
+            parse_message(vec![
+                Value::BulkString(keys::pubsub("c").into_bytes()),
+                Value::BulkString(payload.to_vec()),
+            ])
+        };
+        assert!(bad(b"x e {}").is_none());
+        assert!(bad(b"12").is_none());
+        assert!(bad(b"12 e").is_none());
+        assert!(parse_message(vec![
+            Value::BulkString(b"other".to_vec()),
+            Value::BulkString(b"1 e 1".to_vec())
+        ])
+        .is_none());
+    }
+
+    #[test]
+    fn channel_keys_share_a_hash_tag() {
+        assert_eq!(keys::meta("a"), "pgfanout:{a}:meta");
+        assert_eq!(
+            keys::channel_of_pubsub(keys::pubsub("a:b").as_bytes()),
+            Some("a:b")
+        );
+    }
+}

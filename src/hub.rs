@@ -1,0 +1,239 @@
+//! The hub: which local sessions listen to which channel, and the fan-out of a
+//! publication to them.
+//!
+//! A publication is encoded into its frame once and the same `Bytes` go to every
+//! subscriber's bounded queue. A full queue never blocks the fan-out: that session is
+//! kicked as a slow consumer (it recovers on reconnect) and everyone else goes on.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Publication;
+use crate::metrics as m;
+use crate::protocol::{reply, DisconnectCode};
+
+pub type SessionId = u64;
+
+/// What the hub puts on a session's queue.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub channel: Arc<str>,
+    pub offset: u64,
+    pub epoch: Arc<str>,
+    /// The complete push, shared by every subscriber.
+    pub frame: Bytes,
+    /// When the publication entered the bus (µs since the Unix epoch; 0 = unknown).
+    pub ts: u64,
+}
+
+/// Asks a session to close with a code, from outside its task.
+#[derive(Debug, Clone, Default)]
+pub struct Kick {
+    inner: Arc<KickInner>,
+}
+
+#[derive(Debug, Default)]
+struct KickInner {
+    /// The first reason wins.
+    code: OnceLock<DisconnectCode>,
+    fired: CancellationToken,
+}
+
+impl Kick {
+    pub fn kick(&self, code: DisconnectCode) {
+        let _ = self.inner.code.set(code);
+        self.inner.fired.cancel();
+    }
+
+    pub async fn fired(&self) -> DisconnectCode {
+        self.inner.fired.cancelled().await;
+        self.code().unwrap_or(DisconnectCode::ForceReconnect)
+    }
+
+    pub fn code(&self) -> Option<DisconnectCode> {
+        self.inner.code.get().copied()
+    }
+}
+
+/// The hub's view of a session: where to put its messages and how to kick it.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub tx: mpsc::Sender<Outbound>,
+    pub kick: Kick,
+}
+
+/// channel → local sessions. Sharded (dashmap), so the hot path takes no global lock.
+#[derive(Debug, Default)]
+pub struct Hub {
+    channels: DashMap<Arc<str>, HashMap<SessionId, SessionHandle>>,
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a session to a channel; returns the shared channel name.
+    pub fn add(&self, channel: &str, id: SessionId, handle: SessionHandle) -> Arc<str> {
+        let mut entry = self.channels.entry(Arc::from(channel)).or_insert_with(|| {
+            metrics::gauge!(m::CHANNELS).increment(1.0);
+            HashMap::new()
+        });
+        let name = entry.key().clone();
+        if entry.value_mut().insert(id, handle).is_none() {
+            metrics::gauge!(m::SUBSCRIPTIONS).increment(1.0);
+        }
+        name
+    }
+
+    /// Removes a session from a channel; returns true when the channel has no local
+    /// subscriber left (the bus may then drop its subscription).
+    pub fn remove(&self, channel: &str, id: SessionId) -> bool {
+        let Some(mut entry) = self.channels.get_mut(channel) else {
+            return false;
+        };
+        if entry.remove(&id).is_some() {
+            metrics::gauge!(m::SUBSCRIPTIONS).decrement(1.0);
+        }
+        let empty = entry.is_empty();
+        drop(entry);
+        if empty
+            && self
+                .channels
+                .remove_if(channel, |_, sessions| sessions.is_empty())
+                .is_some()
+        {
+            metrics::gauge!(m::CHANNELS).decrement(1.0);
+            return true;
+        }
+        false
+    }
+
+    pub fn has_subscribers(&self, channel: &str) -> bool {
+        self.channels.get(channel).is_some_and(|s| !s.is_empty())
+    }
+
+    /// Channels with at least one local subscriber.
+    pub fn channels(&self) -> Vec<Arc<str>> {
+        self.channels.iter().map(|e| e.key().clone()).collect()
+    }
+
+    /// Fans a publication out to the channel's local sessions. Never blocks.
+    pub fn deliver(&self, publication: &Publication) {
+        let Some(sessions) = self.channels.get(&*publication.channel) else {
+            return;
+        };
+        let out = Outbound {
+            channel: sessions.key().clone(),
+            offset: publication.offset,
+            epoch: publication.epoch.clone(),
+            ts: publication.ts,
+            frame: reply::encode_publication(
+                &publication.channel,
+                publication.offset,
+                &publication.data,
+            ),
+        };
+        let (mut delivered, mut dropped) = (0u64, 0u64);
+        for handle in sessions.values() {
+            match handle.tx.try_send(out.clone()) {
+                Ok(()) => delivered += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    dropped += 1;
+                    handle.kick.kick(DisconnectCode::Slow);
+                }
+                // The session is closing; it removes itself from the hub.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        drop(sessions);
+        metrics::counter!(m::MESSAGES_DELIVERED).increment(delivered);
+        if dropped > 0 {
+            metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer").increment(dropped);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publication(channel: &str, offset: u64) -> Publication {
+        Publication {
+            ts: 0,
+            channel: Arc::from(channel),
+            offset,
+            epoch: Arc::from("e"),
+            data: Bytes::from_static(b"1"),
+        }
+    }
+
+    fn session(cap: usize) -> (SessionHandle, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(cap);
+        (
+            SessionHandle {
+                tx,
+                kick: Kick::default(),
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn delivers_the_same_frame_bytes_to_every_subscriber() {
+        let hub = Hub::new();
+        let (a, mut ra) = session(4);
+        let (b, mut rb) = session(4);
+        hub.add("c", 1, a);
+        hub.add("c", 2, b);
+        hub.deliver(&publication("c", 1));
+        let (fa, fb) = (ra.try_recv().unwrap(), rb.try_recv().unwrap());
+        assert_eq!(
+            fa.frame.as_ptr(),
+            fb.frame.as_ptr(),
+            "frame must be shared, not copied"
+        );
+        assert_eq!(fa.offset, 1);
+    }
+
+    #[test]
+    fn a_full_queue_kicks_only_that_session_as_slow() {
+        let hub = Hub::new();
+        let (slow, _keep) = session(1);
+        let (fast, mut rf) = session(8);
+        hub.add("c", 1, slow.clone());
+        hub.add("c", 2, fast);
+        hub.deliver(&publication("c", 1));
+        hub.deliver(&publication("c", 2));
+        assert_eq!(slow.kick.code(), Some(DisconnectCode::Slow));
+        assert_eq!(rf.try_recv().unwrap().offset, 1);
+        assert_eq!(rf.try_recv().unwrap().offset, 2);
+    }
+
+    #[test]
+    fn removing_the_last_session_reports_the_channel_dead() {
+        let hub = Hub::new();
+        let (a, _ra) = session(1);
+        let (b, _rb) = session(1);
+        hub.add("c", 1, a);
+        hub.add("c", 2, b);
+        assert!(!hub.remove("c", 1));
+        assert!(hub.has_subscribers("c"));
+        assert!(hub.remove("c", 2));
+        assert!(!hub.has_subscribers("c"));
+        assert!(!hub.remove("c", 2));
+        assert!(hub.channels().is_empty());
+    }
+
+    #[test]
+    fn publications_for_channels_without_subscribers_are_ignored() {
+        let hub = Hub::new();
+        hub.deliver(&publication("nobody", 1));
+        assert!(hub.channels().is_empty());
+    }
+}
