@@ -25,6 +25,8 @@ if [[ ${CI:-} == true || ${CI:-} == 1 ]]; then
   profile=ci
   # CI must build exactly what Cargo.lock says.
   cargo_flags=(--locked)
+  # A clean clone builds once: incremental caches would only take disk.
+  export CARGO_INCREMENTAL=0
 fi
 
 summary=()

@@ -2,7 +2,7 @@
 //! published once (subscribers on another node get it once, the retry is answered with the
 //! same offset), batches, and the JSON errors 400, 401, 413, 429.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

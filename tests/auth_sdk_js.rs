@@ -5,7 +5,7 @@
 //!
 //! Needs `node` and `tests/sdk/js/node_modules` (scripts/deps.sh); fails without them.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::{Path, PathBuf};

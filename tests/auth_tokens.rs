@@ -3,7 +3,7 @@
 //! refresh and expiry. Each gets its documented answer (proto/README.md §6, §7, §11) and
 //! nothing else breaks: the node stays ready and other clients keep working.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

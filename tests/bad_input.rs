@@ -2,7 +2,7 @@
 //! else: a well-behaved client on the same node keeps receiving, and after a command-level error
 //! the offending connection itself keeps its subscriptions and can still subscribe.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -8,7 +8,7 @@
 //! Needs `node`, `tests/browser/node_modules` and `/usr/bin/chromium` (scripts/deps.sh installs
 //! them); without them the test fails and says so, rather than passing without having run.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! whichever nodes LISTEN, and every client on every node receives every message of its
 //! channels once, in offset order, offsets contiguous from 1, with the data that was sent.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! One node: a Postgres NOTIFY reaches a subscribed WebSocket client, on the Redis bus and on
 //! the in-memory bus, with per-channel offsets from 1 and the payload as JSON (or as a string).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

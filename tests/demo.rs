@@ -2,7 +2,7 @@
 //! the demo table, serves the page and its vendored SDK, and the tiny API changes rows whose
 //! trigger notifies the demo channel, which clients receive like any other.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! elsewhere (close 3001) within the drain window, and exits cleanly within the grace period.
 //! A node killed outright comes back on restart and takes the bridge lease back.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! over the drain window, the bridge lease is released, and the process exits with 0
 //! within the grace. A second signal cuts the drain short.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

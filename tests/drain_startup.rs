@@ -2,7 +2,7 @@
 //! dependencies it is configured with answer (Redis connected, Postgres connected and
 //! LISTENing); until then it refuses WebSocket clients.
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::time::Duration;

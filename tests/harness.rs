@@ -2,7 +2,7 @@
 //! backends, and is dropped afterwards; a private Redis answers, stops and comes back.
 //! (These run without the gateway, so a broken harness is told apart from a broken node.)
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

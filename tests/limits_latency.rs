@@ -1,14 +1,14 @@
 //! The latency cost of the shared limiter per command: a benchmark that reports figures and
 //! asserts none (wall-clock numbers depend on the machine). Ignored by default; run it with
 //!
-//!     cargo nextest run --run-ignored only -E 'binary(limits_latency)' --no-capture
+//!     cargo nextest run --run-ignored only -E 'test(/^limits_latency::/)' --no-capture
 //!
 //! Two nodes on one Redis, one with a subscribe limit high enough never to refuse (every
 //! subscribe then makes its round trip to the limiter script) and one without limits; the
 //! same client loop times `subscribe` round trips (then unsubscribes) on each, interleaved
 //! in rounds so that both see the same machine load.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! inbound-bytes limit, subscriptions per connection, and the disconnect of a client that
 //! keeps hammering.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

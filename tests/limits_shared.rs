@@ -3,7 +3,7 @@
 //! land; while Redis is down the configured fallback applies, and limits are shared again
 //! once it is back.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

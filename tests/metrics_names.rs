@@ -2,7 +2,7 @@
 //! table is on `/metrics` from the start, with its type, a help text and the `node` label;
 //! nothing unlisted is exported; and every metric name defined in `src/metrics.rs` is listed.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! The LISTEN connection dropping (G5): the node reconnects and re-LISTENs, `/ready` shows the
 //! outage and the recovery, and notifications sent afterwards reach clients again.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

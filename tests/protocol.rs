@@ -2,7 +2,7 @@
 //! connect reply, several commands per frame, ping/pong and its disconnects, unsubscribe, and
 //! client publish (refused by default, delivered when anonymous publishing is allowed).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! what it missed in the subscribe reply, then live publications, with no gap and no duplicate,
 //! on the same node or another one; a position it cannot resume is reported as not recovered.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! recovery cap all answer `recovered: false` with the current position and no partial
 //! replay; inside the limits the replay is whole.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! silently restarting offsets; and what a node missed while its Redis subscription was cut
 //! reaches a client that follows the stream the way the SDKs do, with no gap.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

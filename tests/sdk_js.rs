@@ -4,7 +4,7 @@
 //! Needs `node` and `tests/sdk/js/node_modules` (scripts/deps.sh installs both); without them
 //! this test fails and says so, rather than passing without having run.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,28 @@
+//! The integration suite: one test binary, so the suite links once (CI disk and time), while
+//! nextest still runs every test in its own process. Each module starts real Postgres
+//! databases, redis-server children and gateway nodes through `common`.
+
+mod common;
+
+mod api_publish;
+mod auth_sdk_js;
+mod auth_tokens;
+mod bad_input;
+mod browser;
+mod cluster;
+mod delivery;
+mod demo;
+mod drain;
+mod drain_sigterm;
+mod drain_startup;
+mod harness;
+mod limits_latency;
+mod limits_session;
+mod limits_shared;
+mod metrics_names;
+mod postgres_outage;
+mod protocol;
+mod recovery;
+mod recovery_history;
+mod redis_outage;
+mod sdk_js;
