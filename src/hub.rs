@@ -29,6 +29,10 @@ pub struct Outbound {
     pub frame: Bytes,
     /// When the publication entered the bus (µs since the Unix epoch; 0 = unknown).
     pub ts: u64,
+    /// Not a publication but a position check (`frame` is empty): the node could not deliver
+    /// everything up to `offset` of `epoch`, so a session behind it, or in another epoch,
+    /// has lost its place and must resubscribe.
+    pub position_only: bool,
 }
 
 /// Asks a session to close with a code, from outside its task.
@@ -138,25 +142,51 @@ impl Hub {
                 publication.offset,
                 &publication.data,
             ),
+            position_only: false,
         };
-        let (mut delivered, mut dropped) = (0u64, 0u64);
-        for handle in sessions.values() {
-            match handle.tx.try_send(out.clone()) {
-                Ok(()) => delivered += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    dropped += 1;
-                    handle.kick.kick(DisconnectCode::Slow);
-                }
-                // The session is closing; it removes itself from the hub.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
-        }
+        let delivered = fan_out(sessions.values(), &out);
         drop(sessions);
         metrics::counter!(m::MESSAGES_DELIVERED).increment(delivered);
-        if dropped > 0 {
-            metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer").increment(dropped);
+    }
+
+    /// Tells the channel's local sessions that the stream is at `offset` of `epoch` although
+    /// this node could not deliver everything up to there (history did not reach back, or a
+    /// new epoch): every session behind it resubscribes. Never blocks.
+    pub fn check(&self, channel: &str, epoch: &Arc<str>, offset: u64) {
+        let Some(sessions) = self.channels.get(channel) else {
+            return;
+        };
+        let out = Outbound {
+            channel: sessions.key().clone(),
+            offset,
+            epoch: epoch.clone(),
+            ts: 0,
+            frame: Bytes::new(),
+            position_only: true,
+        };
+        fan_out(sessions.values(), &out);
+    }
+}
+
+/// Queues `out` to every session without waiting; a full queue kicks that session as slow.
+/// Returns how many were queued.
+fn fan_out<'a>(sessions: impl Iterator<Item = &'a SessionHandle>, out: &Outbound) -> u64 {
+    let (mut delivered, mut dropped) = (0u64, 0u64);
+    for handle in sessions {
+        match handle.tx.try_send(out.clone()) {
+            Ok(()) => delivered += 1,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                dropped += 1;
+                handle.kick.kick(DisconnectCode::Slow);
+            }
+            // The session is closing; it removes itself from the hub.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
+    if dropped > 0 {
+        metrics::counter!(m::MESSAGES_DROPPED, "reason" => "slow_consumer").increment(dropped);
+    }
+    delivered
 }
 
 #[cfg(test)]

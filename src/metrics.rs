@@ -241,7 +241,15 @@ pub fn register() {
         metrics::counter!(MESSAGES_REPLAYED, "path" => path).absolute(0);
     }
     metrics::counter!(GAPS_REPAIRED).absolute(0);
-    metrics::counter!(GAPS_UNREPAIRED).absolute(0);
+    for reason in [
+        "epoch",
+        "out_of_history",
+        "over_cap",
+        "no_history",
+        "backlog",
+    ] {
+        metrics::counter!(GAPS_UNREPAIRED, "reason" => reason).absolute(0);
+    }
     metrics::counter!(RATE_LIMIT_DECISIONS).absolute(0);
     let _ = metrics::histogram!(RATE_LIMIT_SECONDS);
     metrics::counter!(AUTH_FAILURES).absolute(0);

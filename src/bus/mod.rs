@@ -4,6 +4,7 @@
 //! Two implementations with the same semantics: Redis (one atomic script per publication,
 //! one pub/sub subscription per locally live channel) and in-memory (a single node).
 
+pub mod cursor;
 pub mod history;
 pub mod memory;
 pub mod redis;

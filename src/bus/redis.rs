@@ -1,6 +1,9 @@
 //! The Redis bus: one atomic script per publication, one pub/sub subscription per
 //! channel with local subscribers, health checks with reconnect counting.
 //!
+//! Pushes from the subscriber connection go through the node's cursors (`cursor`), which
+//! fill holes in a channel's stream from history (`run_repairs`) before delivering to the hub.
+//!
 //! Keys of a channel share the hash tag `{channel}` so Redis Cluster keeps them on one
 //! slot. Publications travel on pub/sub as `"<offset> <epoch> t<micros> <json>"` (the
 //! timestamp is optional: see `split_timestamp`).
@@ -17,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::cursor::Cursors;
 use super::{
     assemble_recovery, new_epoch, BusError, HistoryPolicy, HistoryRead, Position, Publication,
     PublishOutcome, PublishRequest, Recovery, DEDUPE_TTL,
@@ -30,6 +34,12 @@ const SUBSCRIPTION_QUEUE: usize = 4096;
 const SUBSCRIPTION_BATCH: usize = 512;
 const HEALTH_PERIOD: Duration = Duration::from_secs(1);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+/// Channels waiting for a history read (a channel is queued at most once at a time).
+const REPAIR_QUEUE: usize = 65_536;
+/// History reads under way at once after a reconnect (one per channel).
+const REPAIR_CONCURRENCY: usize = 16;
+/// Longest wait between attempts of a history read while Redis does not answer.
+const REPAIR_MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Redis key names. All keys of a channel carry its hash tag.
 pub mod keys {
@@ -62,6 +72,8 @@ struct Inner {
     commands: ConnectionManager,
     subscriptions: mpsc::Sender<SubscriptionChange>,
     up: AtomicBool,
+    /// This node's place in every locally live channel, fed by the subscriber connection.
+    cursors: Arc<Cursors>,
     publish: Script,
     recover: Script,
 }
@@ -101,11 +113,13 @@ impl RedisBus {
             .clone()
             .set_protocol(redis::ProtocolVersion::RESP3);
         let resp3 = redis::Client::open(info.set_redis_settings(settings))?;
-        let push_hub = hub.clone();
+        let (repairs_tx, repairs) = mpsc::channel(REPAIR_QUEUE);
+        let cursors = Arc::new(Cursors::new(hub.clone(), repairs_tx));
+        let push_cursors = cursors.clone();
         let pubsub_config = manager_config()
             .set_automatic_resubscription()
             .set_push_sender(move |push: PushInfo| {
-                on_push(&push_hub, push);
+                on_push(&push_cursors, push);
                 Ok::<(), redis::aio::SendError>(())
             });
         let pubsub = resp3
@@ -119,11 +133,19 @@ impl RedisBus {
                 commands,
                 subscriptions: tx,
                 up: AtomicBool::new(true),
+                cursors,
                 publish: Script::new(include_str!("publish.lua")),
                 recover: Script::new(include_str!("recover.lua")),
             }),
         };
-        tracker.spawn(run_subscriber(pubsub.clone(), hub, rx, cancel.clone()));
+        tracker.spawn(run_subscriber(
+            pubsub.clone(),
+            hub,
+            bus.inner.cursors.clone(),
+            rx,
+            cancel.clone(),
+        ));
+        tracker.spawn(run_repairs(bus.clone(), repairs, cancel.clone()));
         tracker.spawn(bus.clone().check_health(pubsub, cancel));
         Ok(bus)
     }
@@ -186,6 +208,9 @@ impl RedisBus {
         let history = policy.for_channel(channel);
         let cap = policy.recovery_max;
         let read = self.read_history(channel, since, cap, cap).await?;
+        // Read after the caller watched the channel: from here on, what the node misses of
+        // it is a hole its cursor notices.
+        self.inner.cursors.observe(channel, &read.position);
         Ok(assemble_recovery(read, since, cap, history.enabled()))
     }
 
@@ -278,22 +303,70 @@ fn ttl_secs(d: Duration) -> u64 {
     d.as_secs().max(1)
 }
 
-/// Called by the Redis connection for every push: publications go straight to the hub
-/// (non-blocking), so no queue sits between Redis and the sessions.
-fn on_push(hub: &Hub, push: PushInfo) {
+/// Called by the Redis connection for every push, in order: publications go through the
+/// channel's cursor straight to the hub (non-blocking), so no queue sits between Redis and
+/// the sessions; subscription confirmations after a reconnect start the catch-up.
+fn on_push(cursors: &Cursors, push: PushInfo) {
     match push.kind {
         PushKind::Message => {
             if let Some(publication) = parse_message(push.data) {
-                hub.deliver(&publication);
+                cursors.publication(publication);
             } else {
                 metrics::counter!(m::MESSAGES_DROPPED, "reason" => "malformed_bus_message")
                     .increment(1);
             }
         }
+        PushKind::Subscribe => {
+            if let Some(Value::BulkString(name)) = push.data.first() {
+                if let Some(channel) = keys::channel_of_pubsub(name) {
+                    cursors.subscribed(channel);
+                }
+            }
+        }
         PushKind::Disconnection => {
             tracing::warn!("redis subscriber connection lost; it reconnects and resubscribes");
+            cursors.disconnected();
         }
         _ => {}
+    }
+}
+
+/// Reads history for the channels whose cursors ask for it (a hole, a reconnect), several
+/// at a time, each until it succeeds (with backoff while Redis does not answer) or its
+/// channel is no longer live here.
+async fn run_repairs(bus: RedisBus, requests: mpsc::Receiver<Arc<str>>, cancel: CancellationToken) {
+    use futures_util::StreamExt as _;
+    let requests = futures_util::stream::unfold(requests, |mut requests| async move {
+        requests.recv().await.map(|channel| (channel, requests))
+    });
+    let bus = &bus;
+    let work = requests.for_each_concurrent(REPAIR_CONCURRENCY, |channel| bus.repair(channel));
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        () = work => {}
+    }
+}
+
+impl RedisBus {
+    /// Reads the channel's history after its cursor and hands it back to the cursor.
+    async fn repair(&self, channel: Arc<str>) {
+        let policy = &self.inner.history;
+        let cap = policy.recovery_max;
+        let history = policy.for_channel(&channel).enabled();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let Some(since) = self.inner.cursors.since(&channel) else {
+                return;
+            };
+            match self.read_history(&channel, Some(&since), cap, cap).await {
+                Ok(read) => return self.inner.cursors.repaired(&channel, read, history),
+                Err(e) => {
+                    tracing::warn!(error = %e, %channel, "reading history to fill a gap failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(REPAIR_MAX_BACKOFF);
+                }
+            }
+        }
     }
 }
 
@@ -378,6 +451,7 @@ fn parse_stream_entry(item: Value) -> Option<(u64, Bytes)> {
 async fn run_subscriber(
     mut pubsub: ConnectionManager,
     hub: Arc<Hub>,
+    cursors: Arc<Cursors>,
     mut changes: mpsc::Receiver<SubscriptionChange>,
     cancel: CancellationToken,
 ) {
@@ -432,7 +506,12 @@ async fn run_subscriber(
         if !to_unsubscribe.is_empty() {
             let names: Vec<String> = to_unsubscribe.iter().map(|c| keys::pubsub(c)).collect();
             match pubsub.unsubscribe(names).await {
-                Ok(()) => subscribed.retain(|c| !to_unsubscribe.contains(c)),
+                Ok(()) => {
+                    subscribed.retain(|c| !to_unsubscribe.contains(c));
+                    for channel in &to_unsubscribe {
+                        cursors.forget(channel);
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "unsubscribe failed; kept for the next change")
                 }

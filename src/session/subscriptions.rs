@@ -88,7 +88,9 @@ impl Subscriptions {
         if out.offset <= place.offset && place.epoch == out.epoch {
             return None;
         }
-        if place.epoch != out.epoch || out.offset != place.offset + 1 {
+        // A position check past our place (or in another epoch) means the node could not
+        // deliver what we miss; like a gap, only a recovering resubscribe can tell.
+        if out.position_only || place.epoch != out.epoch || out.offset != place.offset + 1 {
             tracing::debug!(
                 channel = %out.channel,
                 have = place.offset,
