@@ -224,7 +224,7 @@ pub struct Config {
     #[arg(long, env = "PGFANOUT_CLIENT_QUEUE_SIZE", default_value_t = 1024)]
     pub client_queue_size: usize,
 
-    /// Subscriptions one connection may hold (3505 past it).
+    /// Subscriptions one connection may hold (error 106 past it).
     #[arg(long, env = "PGFANOUT_MAX_SUBSCRIPTIONS", default_value_t = 1000)]
     pub max_subscriptions: usize,
 

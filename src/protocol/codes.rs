@@ -79,6 +79,8 @@ pub enum DisconnectCode {
     ForceNoReconnect,
     ConnectionLimit,
     ChannelLimit,
+    /// The client used a method that has no handler and no reply (`send`).
+    NotAvailable,
 }
 
 impl DisconnectCode {
@@ -99,6 +101,7 @@ impl DisconnectCode {
             Self::ForceNoReconnect => 3503,
             Self::ConnectionLimit => 3504,
             Self::ChannelLimit => 3505,
+            Self::NotAvailable => 3508,
         }
     }
 
@@ -119,6 +122,7 @@ impl DisconnectCode {
             Self::ForceNoReconnect => "force disconnect",
             Self::ConnectionLimit => "connection limit",
             Self::ChannelLimit => "channel limit",
+            Self::NotAvailable => "not available",
         }
     }
 
@@ -145,6 +149,7 @@ impl DisconnectCode {
             Self::ForceNoReconnect => "force_no_reconnect",
             Self::ConnectionLimit => "connection_limit",
             Self::ChannelLimit => "channel_limit",
+            Self::NotAvailable => "not_available",
         }
     }
 
@@ -153,7 +158,7 @@ impl DisconnectCode {
     }
 }
 
-const ALL_DISCONNECTS: [DisconnectCode; 15] = [
+const ALL_DISCONNECTS: [DisconnectCode; 16] = [
     DisconnectCode::Normal,
     DisconnectCode::Shutdown,
     DisconnectCode::InternalServerError,
@@ -169,6 +174,7 @@ const ALL_DISCONNECTS: [DisconnectCode; 15] = [
     DisconnectCode::ForceNoReconnect,
     DisconnectCode::ConnectionLimit,
     DisconnectCode::ChannelLimit,
+    DisconnectCode::NotAvailable,
 ];
 
 /// Codes of the `unsubscribe` push: 2500–2999 tell the SDK to resubscribe.

@@ -110,6 +110,8 @@ struct WireCommand {
     history: Option<serde::de::IgnoredAny>,
     rpc: Option<serde::de::IgnoredAny>,
     send: Option<serde::de::IgnoredAny>,
+    /// A client-initiated ping: servers ping in this protocol version.
+    ping: Option<serde::de::IgnoredAny>,
 }
 
 /// Why a frame could not be decoded; any of these ends the connection with "bad request".
@@ -123,10 +125,18 @@ pub enum DecodeError {
     MissingId,
     #[error("too many commands in one frame (limit {0})")]
     TooManyCommands(usize),
+    #[error("JSON nested deeper than {0} levels")]
+    TooDeep(usize),
 }
 
 /// Commands one frame may carry: bounds the work and the replies one message can cause.
 pub const MAX_COMMANDS_PER_FRAME: usize = 100;
+
+/// Arrays and objects one command may nest, the command object included. serde_json
+/// skips unknown fields and captures `data` without a depth limit (iteratively, so our
+/// stack is safe), but subscribers' JSON parsers are often recursive (Python's stops near
+/// 1000 levels): a publisher must not be able to hand them a 30,000-level `data`.
+pub const MAX_JSON_DEPTH: usize = 64;
 
 /// Decodes every command of one text frame, in order.
 ///
@@ -151,7 +161,41 @@ pub fn decode_frame(text: &str) -> Result<Vec<Command>, DecodeError> {
     Ok(commands)
 }
 
+/// Checks that `json` nests at most [`MAX_JSON_DEPTH`] arrays and objects, in one pass
+/// over the bytes and before any parsing. Brackets inside strings do not count; anything
+/// else that is not JSON is left for the parser to refuse.
+///
+/// # Errors
+/// [`DecodeError::TooDeep`] at the first bracket past the limit.
+pub fn check_depth(json: &[u8]) -> Result<(), DecodeError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(DecodeError::TooDeep(MAX_JSON_DEPTH));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn decode_command(line: &str) -> Result<Command, DecodeError> {
+    check_depth(line.as_bytes())?;
     let wire: WireCommand =
         serde_json::from_str(line).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     let mut methods = Vec::with_capacity(1);
@@ -179,6 +223,7 @@ fn decode_command(line: &str) -> Result<Command, DecodeError> {
         (wire.history.is_some(), "history"),
         (wire.rpc.is_some(), "rpc"),
         (wire.send.is_some(), "send"),
+        (wire.ping.is_some(), "ping"),
     ];
     for (present, name) in unsupported {
         if present {
@@ -268,12 +313,32 @@ mod tests {
             Err(DecodeError::Malformed(_))
         ));
         let deep = "[".repeat(10_000);
-        assert!(matches!(
+        assert_eq!(
             decode_frame(&format!(
                 "{{\"id\":1,\"publish\":{{\"channel\":\"a\",\"data\":{deep}}}}}"
-            )),
-            Err(DecodeError::Malformed(_))
-        ));
+            ))
+            .unwrap_err(),
+            DecodeError::TooDeep(MAX_JSON_DEPTH)
+        );
+    }
+
+    #[test]
+    fn nesting_is_limited_and_brackets_in_strings_do_not_count() {
+        let nest = |d: usize| format!("{}{}", "[".repeat(d), "]".repeat(d));
+        // The command and `publish` objects are two levels.
+        let publish =
+            |data: &str| format!(r#"{{"id":1,"publish":{{"channel":"a","data":{data}}}}}"#);
+        assert!(decode_frame(&publish(&nest(MAX_JSON_DEPTH - 2))).is_ok());
+        assert_eq!(
+            decode_frame(&publish(&nest(MAX_JSON_DEPTH - 1))).unwrap_err(),
+            DecodeError::TooDeep(MAX_JSON_DEPTH)
+        );
+        let brackets = format!("\"{}\\\"{}\"", "[".repeat(500), "{".repeat(500));
+        assert!(decode_frame(&publish(&brackets)).is_ok());
+        assert_eq!(
+            check_depth("[".repeat(100_000).as_bytes()),
+            Err(DecodeError::TooDeep(MAX_JSON_DEPTH))
+        );
     }
 
     #[test]

@@ -49,6 +49,9 @@ impl Session {
             Method::Publish(req) => self.publish(id, req).await,
             Method::Refresh(req) => return self.refresh(id, req),
             Method::SubRefresh(req) => self.sub_refresh(id, req),
+            // `send` expects no reply (Centrifugo closes with 3508 when it has no handler);
+            // answering it with id 0 would look like a push to the SDK.
+            Method::NotAvailable("send") => return Some(DisconnectCode::NotAvailable),
             Method::NotAvailable(_) => self.reply_error(id, ErrorCode::NotAvailable),
             Method::Unknown => self.reply_error(id, ErrorCode::MethodNotFound),
         }
@@ -360,6 +363,9 @@ impl Session {
     }
 
     fn unsubscribe(&mut self, id: u32, req: ChannelRequest) {
+        if !valid_channel(&req.channel) {
+            return self.reply_error(id, ErrorCode::BadRequest);
+        }
         self.subs.leave(&req.channel);
         self.access.forget(&req.channel);
         self.replies.result(id, "unsubscribe", &Empty {});
