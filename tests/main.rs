@@ -5,7 +5,6 @@
 mod common;
 
 mod api_publish;
-mod auth_sdk_js;
 mod auth_tokens;
 mod bad_input;
 mod browser;
@@ -25,4 +24,4 @@ mod protocol;
 mod recovery;
 mod recovery_history;
 mod redis_outage;
-mod sdk_js;
+mod sdk_conformance;

@@ -13,6 +13,7 @@
 //! - [`http`]: [`KeepAlive`], one HTTP/1.1 connection reused across requests.
 //! - [`tokens`]: JWTs signed with the test-only keys in `tests/fixtures/keys`.
 //! - [`script`]: [`Script`], a driver program (Node, Python) spoken to in JSON lines.
+//! - [`sdk`]: [`SdkDriver`], a real client SDK (centrifuge-js, centrifuge-python) behind a [`Script`].
 //!
 //! Every test owns all of its services (no fixed ports, no shared database, no shared Redis), so
 //! nextest can run them in parallel, and every wait has a deadline so no test can hang.
@@ -28,6 +29,7 @@ pub mod node;
 pub mod postgres;
 pub mod redis;
 pub mod script;
+pub mod sdk;
 pub mod tokens;
 
 use std::future::Future;
@@ -42,6 +44,7 @@ pub use node::{Node, NodeBuilder};
 pub use postgres::TestDb;
 pub use redis::RedisServer;
 pub use script::Script;
+pub use sdk::{Sdk, SdkDriver};
 
 /// A TCP port that was free a moment ago on 127.0.0.1 (the OS picks it, so parallel tests differ).
 pub fn free_port() -> u16 {

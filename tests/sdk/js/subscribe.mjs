@@ -1,4 +1,4 @@
-// Drives the real centrifuge-js SDK against a pgfanout node (used by tests/sdk_js.rs).
+// Watches a channel with the real centrifuge-js SDK (the command scripts/run-cluster.sh prints).
 //
 //   node subscribe.mjs <ws-url> <channel> <count> <timeout-ms>
 //
