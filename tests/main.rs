@@ -14,6 +14,7 @@ mod demo;
 mod drain;
 mod drain_sigterm;
 mod drain_startup;
+mod floods;
 mod harness;
 mod limits_latency;
 mod limits_session;

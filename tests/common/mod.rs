@@ -14,6 +14,8 @@
 //! - [`tokens`]: JWTs signed with the test-only keys in `tests/fixtures/keys`.
 //! - [`script`]: [`Script`], a driver program (Node, Python) spoken to in JSON lines.
 //! - [`sdk`]: [`SdkDriver`], a real client SDK (centrifuge-js, centrifuge-python) behind a [`Script`].
+//! - [`traffic`]: [`with_traffic`], steady notifications and an observer that must get them all
+//!   while a test misbehaves.
 //!
 //! Every test owns all of its services (no fixed ports, no shared database, no shared Redis), so
 //! nextest can run them in parallel, and every wait has a deadline so no test can hang.
@@ -31,6 +33,7 @@ pub mod redis;
 pub mod script;
 pub mod sdk;
 pub mod tokens;
+pub mod traffic;
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -45,6 +48,7 @@ pub use postgres::TestDb;
 pub use redis::RedisServer;
 pub use script::Script;
 pub use sdk::{Sdk, SdkDriver};
+pub use traffic::{with_traffic, Traffic};
 
 /// A TCP port that was free a moment ago on 127.0.0.1 (the OS picks it, so parallel tests differ).
 pub fn free_port() -> u16 {

@@ -224,6 +224,29 @@ impl Node {
         Ok(sum_metric(&self.metrics().await?, name))
     }
 
+    /// The process id while it runs (e.g. to read its memory from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The sum of the series of metric `name` whose labels contain `label` (e.g.
+    /// `reason="slow_consumer"`); 0 when absent.
+    pub async fn metric_where(&self, name: &str, label: &str) -> anyhow::Result<f64> {
+        let text = self.metrics().await?;
+        let selected: String = text
+            .lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix('{'))
+                    .is_some_and(|labels| {
+                        labels.split('}').next().is_some_and(|l| l.contains(label))
+                    })
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        Ok(sum_metric(&selected, name))
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
