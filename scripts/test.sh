@@ -6,7 +6,8 @@
 # 1. scripts/deps.sh test: installs or starts what is missing (packages, Postgres,
 #    cargo-nextest, SDK test packages) and exports PGFANOUT_TEST_DATABASE_URL.
 # 2. cargo fmt --check, cargo clippy -D warnings (every workspace member).
-# 3. Extra suites that exist: scripts/check-helm.sh.
+# 3. Extra suites that exist: scripts/check-helm.sh; the load tool's smoke run
+#    (scripts/bench.sh --smoke: 300 connections, a few seconds).
 # 4. cargo nextest run (profile `ci` when CI=true: no retries, no fail-fast, hung tests
 #    killed after 120 s; see .config/nextest.toml).
 # Every step runs even after a failure; a summary follows; the exit status is non-zero
@@ -60,6 +61,8 @@ if [[ -f scripts/check-helm.sh ]]; then
 else
   skip helm "scripts/check-helm.sh not present"
 fi
+# The load tool against a 2-node cluster for a few seconds, so it cannot rot (not a benchmark).
+step smoke bash scripts/bench.sh --smoke --out "$ROOT/.tmp/bench-smoke"
 # Last, so its closing line is the last test summary in the log.
 step nextest cargo nextest run "${cargo_flags[@]}" --workspace --profile "$profile" --no-fail-fast "$@"
 

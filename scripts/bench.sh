@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# scripts/bench.sh: runs loadtest scenarios against a local cluster of its own (2 nodes,
+# its own redis-server, a fresh database on the local Postgres), then stops everything.
+#
+#   scripts/bench.sh [--smoke] [--debug] [--out DIR] [SCENARIO...] [-- LOADTEST ARGS...]
+#
+#   SCENARIO      names from loadtest/scenarios.toml (default: every scenario but smoke*)
+#   --smoke       the quick check scripts/test.sh runs: scenarios smoke and smoke-notify,
+#                 debug build, `loadtest --check` (fails on a failed connection, a lost or
+#                 duplicated publication, or a step that delivered nothing)
+#   --debug       debug builds (default: release, which is what figures must come from)
+#   --out DIR     where results go (default .tmp/bench): DIR/results.csv and .json
+#   -- ARGS       passed to `loadtest run` (e.g. -- --set duration=\"5s\")
+#
+# Environment: PGFANOUT_TEST_DATABASE_URL (else found by scripts/deps.sh),
+# BENCH_NODES (default 2), BENCH_PORT (first node port, default: a free one from 18400),
+# BENCH_NODE_ENV (extra VAR=value words for every node).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+say() { printf 'bench: %s\n' "$*" >&2; }
+die() {
+  say "error: $*"
+  exit 1
+}
+
+smoke=0
+profile=release
+out=$ROOT/.tmp/bench
+scenarios=()
+extra=()
+while (($#)); do
+  case $1 in
+    --smoke)
+      smoke=1
+      profile=debug
+      ;;
+    --debug) profile=debug ;;
+    --out)
+      out=$2
+      shift
+      ;;
+    --)
+      shift
+      extra=("$@")
+      break
+      ;;
+    -*) die "unknown option $1" ;;
+    *) scenarios+=("$1") ;;
+  esac
+  shift
+done
+if ((smoke)); then
+  scenarios=(smoke smoke-notify)
+  extra+=(--check)
+fi
+
+# shellcheck source=scripts/deps.sh
+[[ -n ${PGFANOUT_TEST_DATABASE_URL:-} ]] || source "$ROOT/scripts/deps.sh" cluster
+db_admin=$PGFANOUT_TEST_DATABASE_URL
+
+cargo_flags=()
+[[ $profile == release ]] && cargo_flags=(--release)
+say "building pgfanout and loadtest ($profile)"
+cargo build "${cargo_flags[@]}" -p pgfanout -p loadtest --bin pgfanout --bin loadtest >&2
+bin_dir=${CARGO_TARGET_DIR:-$ROOT/target}/$profile
+
+mkdir -p "$out"
+run_dir=$(mktemp -d "$ROOT/.tmp/bench-run.XXXXXX")
+pids=()
+redis_pid=''
+db_name="pgfanout_bench_$$"
+
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  [[ -n $redis_pid ]] && kill -TERM "$redis_pid" 2>/dev/null || true
+  psql -X -q -d "$db_admin" -c "DROP DATABASE IF EXISTS $db_name WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -rf "$run_dir"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+  local p=$1
+  while timeout 1 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$0"' "$p" 2>/dev/null; do p=$((p + 1)); done
+  printf '%s' "$p"
+}
+
+# Our own Redis: nothing else's traffic in its CPU figure.
+redis_port=$(free_port $((16400 + RANDOM % 1000)))
+redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
+  --dir "$run_dir" --logfile "$run_dir/redis.log" --daemonize no >/dev/null &
+redis_pid=$!
+for _ in $(seq 50); do
+  [[ $(redis-cli -p "$redis_port" ping 2>/dev/null) == PONG ]] && break
+  sleep 0.1
+done
+
+# A fresh database: the nodes install their schema there.
+psql -X -q -d "$db_admin" -c "CREATE DATABASE $db_name" >/dev/null
+db_url=$(python3 -c 'import sys,urllib.parse as u; p=u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/"+sys.argv[2])))' "$db_admin" "$db_name")
+
+channels=$(printf 'bench%d,' $(seq 0 99))
+channels=${channels%,}
+nodes=${BENCH_NODES:-2}
+port=$(free_port "${BENCH_PORT:-18400}")
+urls=()
+api_urls=()
+letters=abcdefghijklmnopqrstuvwxyz
+for ((i = 0; i < nodes; i++)); do
+  port=$(free_port "$port")
+  id="bench-${letters:i:1}"
+  # shellcheck disable=SC2086 # BENCH_NODE_ENV is a list of words on purpose.
+  env PGFANOUT_LISTEN="127.0.0.1:$port" PGFANOUT_NODE_ID="$id" \
+    PGFANOUT_DATABASE_URL="$db_url" PGFANOUT_REDIS_URL="redis://127.0.0.1:$redis_port" \
+    PGFANOUT_CHANNELS="$channels" PGFANOUT_ALLOW_ANONYMOUS=true \
+    PGFANOUT_ALLOW_ANONYMOUS_PUBLISH=true PGFANOUT_API_KEYS=bench-api-key-0123456789 \
+    PGFANOUT_LOG=warn PGFANOUT_LOG_FORMAT=text ${BENCH_NODE_ENV:-} \
+    "$bin_dir/pgfanout" >"$run_dir/$id.log" 2>&1 &
+  pids+=($!)
+  urls+=("\"ws://127.0.0.1:$port/connection/websocket\"")
+  api_urls+=("\"http://127.0.0.1:$port/api/publish\"")
+  for _ in $(seq 150); do
+    curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$port/ready" 2>/dev/null && break
+    kill -0 "${pids[i]}" 2>/dev/null || { cat "$run_dir/$id.log" >&2; die "$id exited at start"; }
+    sleep 0.2
+  done
+  curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$port/ready" || { cat "$run_dir/$id.log" >&2; die "$id not ready"; }
+  port=$((port + 1))
+done
+say "cluster up: ${nodes} nodes (pids ${pids[*]}), redis :$redis_port (pid $redis_pid), database $db_name"
+
+join() {
+  local IFS=,
+  printf '[%s]' "$*"
+}
+args=(run loadtest/scenarios.toml
+  --set "urls=$(join "${urls[@]}")" --set "api_urls=$(join "${api_urls[@]}")"
+  --set 'api_key="bench-api-key-0123456789"' --set "database_url=\"$db_url\""
+  --redis-pid "$redis_pid" --postgres-cpu
+  --json "$out/results.json" --csv "$out/results.csv")
+for pid in "${pids[@]}"; do args+=(--node-pid "$pid"); done
+if ((${#scenarios[@]})); then
+  for s in "${scenarios[@]}"; do args+=(--only "$s"); done
+else
+  for s in fanout fanout-api broadcast idle churn ingest-notify ingest-notify-batch ingest-api; do
+    args+=(--only "$s")
+  done
+fi
+status=0
+"$bin_dir/loadtest" "${args[@]}" "${extra[@]}" || status=$?
+for ((i = 0; i < nodes; i++)); do
+  if grep -qiE 'panic|ERROR' "$run_dir/bench-${letters:i:1}.log"; then
+    say "node bench-${letters:i:1} logged errors:"
+    grep -iE 'panic|ERROR' "$run_dir/bench-${letters:i:1}.log" | head -5 >&2
+  fi
+done
+say "results: $out/results.csv, $out/results.json"
+exit "$status"
