@@ -24,5 +24,7 @@ mod postgres_outage;
 mod protocol;
 mod recovery;
 mod recovery_history;
+mod redis_backfill;
 mod redis_outage;
 mod sdk_conformance;
+mod sdk_js_resume;
