@@ -261,6 +261,22 @@ mod tests {
     }
 
     #[test]
+    fn a_position_check_reaches_every_session_without_a_frame() {
+        let hub = Hub::new();
+        let (a, mut ra) = session(4);
+        let (b, mut rb) = session(4);
+        hub.add("c", 1, a);
+        hub.add("c", 2, b);
+        hub.check("c", &Arc::from("e"), 7);
+        for rx in [&mut ra, &mut rb] {
+            let out = rx.try_recv().unwrap();
+            assert!(out.position_only && out.frame.is_empty());
+            assert_eq!((out.offset, &*out.epoch), (7, "e"));
+        }
+        hub.check("nobody", &Arc::from("e"), 1);
+    }
+
+    #[test]
     fn publications_for_channels_without_subscribers_are_ignored() {
         let hub = Hub::new();
         hub.deliver(&publication("nobody", 1));

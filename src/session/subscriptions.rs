@@ -119,3 +119,64 @@ impl Drop for Subscriptions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::memory::MemoryBus;
+    use crate::bus::HistoryPolicy;
+    use crate::hub::Kick;
+    use bytes::Bytes;
+    use std::time::Duration;
+
+    fn subscriptions() -> Subscriptions {
+        let hub = Arc::new(Hub::new());
+        let policy = HistoryPolicy::uniform(10, Duration::from_secs(60), Duration::from_secs(60));
+        let bus = Bus::Memory(MemoryBus::new(hub.clone(), Arc::new(policy)));
+        let (tx, _rx) = tokio::sync::mpsc::channel(4);
+        let handle = SessionHandle {
+            tx,
+            kick: Kick::default(),
+        };
+        let mut subs = Subscriptions::new(1, handle, hub, bus);
+        subs.join("c");
+        subs.set_place("c", 5, "e");
+        subs
+    }
+
+    fn out(offset: u64, epoch: &str, position_only: bool) -> Outbound {
+        Outbound {
+            channel: Arc::from("c"),
+            offset,
+            epoch: Arc::from(epoch),
+            frame: Bytes::new(),
+            ts: 0,
+            position_only,
+        }
+    }
+
+    #[test]
+    fn a_position_check_at_or_behind_the_place_changes_nothing() {
+        let mut subs = subscriptions();
+        assert!(subs.accept(&out(5, "e", true)).is_none());
+        assert!(subs.accept(&out(3, "e", true)).is_none());
+        assert!(matches!(
+            subs.accept(&out(6, "e", false)),
+            Some(Accepted::Publication)
+        ));
+        assert!(subs.contains("c"));
+    }
+
+    #[test]
+    fn a_position_check_ahead_or_in_another_epoch_makes_the_client_resubscribe() {
+        for check in [out(6, "e", true), out(0, "other", true)] {
+            let mut subs = subscriptions();
+            assert!(
+                matches!(subs.accept(&check), Some(Accepted::Resubscribe(_))),
+                "{check:?}"
+            );
+            assert!(!subs.contains("c"), "left the channel: {check:?}");
+            assert!(subs.accept(&out(7, "e", false)).is_none(), "nothing after");
+        }
+    }
+}
