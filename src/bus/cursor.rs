@@ -86,12 +86,17 @@ impl Cursors {
 
     /// A publication from the subscriber connection: delivered now if it is the next
     /// offset, dropped if it was delivered already, else held until history fills the hole.
+    ///
+    /// A channel keeps its cursor (and follows its stream) for as long as the subscriber
+    /// connection is subscribed to it, even while it has no local session for a moment, so
+    /// a session that joins meanwhile gets a contiguous stream.
     pub fn publication(&self, publication: Publication) {
-        if !self.hub.has_subscribers(&publication.channel) {
-            return;
-        }
         let mut cursor = match self.channels.entry(publication.channel.clone()) {
             Entry::Vacant(vacant) => {
+                if !self.hub.has_subscribers(&publication.channel) {
+                    // A message still in flight for a channel this node dropped.
+                    return;
+                }
                 // The first publication since the channel became live here: the sessions
                 // placed themselves when they subscribed, and drop what they had.
                 vacant.insert(Cursor::at(&publication.epoch, publication.offset));
@@ -162,7 +167,9 @@ impl Cursors {
         }
     }
 
-    /// The subscriber connection dropped its subscription to the channel.
+    /// The subscriber connection dropped its subscription to the channel. A cursor kept
+    /// because a session joined meanwhile is caught up when the channel is subscribed again
+    /// (`subscribed`).
     pub fn forget(&self, channel: &str) {
         self.channels
             .remove_if(channel, |_, _| !self.hub.has_subscribers(channel));
@@ -431,6 +438,19 @@ mod tests {
         assert_eq!(f.cursors.since("c").map(|p| p.epoch), Some("new".into()));
         f.cursors.repaired("c", read("new", 2, Some(1..=2)), true);
         assert_eq!(f.delivered(), vec![(1, false), (2, false)]);
+    }
+
+    #[test]
+    fn a_channel_without_sessions_for_a_moment_keeps_following_its_stream() {
+        let mut f = fixture();
+        f.cursors.publication(publication("e", 1));
+        f.cursors.hub.remove("c", 1);
+        f.cursors.publication(publication("e", 2));
+        f.cursors.forget("c");
+        assert_eq!(f.cursors.since("c"), None, "forgotten once unsubscribed");
+        f.cursors.publication(publication("e", 3));
+        assert_eq!(f.cursors.since("c"), None, "a late message starts nothing");
+        assert_eq!(f.delivered(), vec![(1, false)]);
     }
 
     #[test]
