@@ -240,9 +240,20 @@ pub struct Config {
     #[arg(long, env = "PGFANOUT_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
-    /// TTL of the bridge lease in Redis; it is renewed every third of it.
+    /// TTL of the channel-shard leases (and node heartbeats) in Redis; renewed every third
+    /// of it. A dead owner's shards move after at most about this long.
     #[arg(long, env = "PGFANOUT_LEASE_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub lease_ttl: Duration,
+
+    /// Channel shards: each is bridged into the bus by one node at a time (a lease), and the
+    /// shards are spread over the live nodes. All nodes must use the same value.
+    #[arg(long, env = "PGFANOUT_INGEST_SHARDS", default_value_t = 16)]
+    pub ingest_shards: usize,
+
+    /// Bytes of notifications each shard's buffer keeps on a standby, so it can republish
+    /// what a dying owner had not bridged; must cover a lease TTL of traffic.
+    #[arg(long, env = "PGFANOUT_INGEST_BUFFER_BYTES", default_value_t = 4 << 20)]
+    pub ingest_buffer_bytes: usize,
 
     /// On SIGTERM, client disconnects are spread over this window.
     #[arg(long, env = "PGFANOUT_DRAIN_WINDOW", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -459,6 +470,20 @@ impl Config {
                 "PGFANOUT_LEASE_TTL",
                 "lease-ttl",
                 "must be at least 300ms",
+            ));
+        }
+        if !(1..=1024).contains(&self.ingest_shards) {
+            return Err(invalid(
+                "PGFANOUT_INGEST_SHARDS",
+                "ingest-shards",
+                "must be between 1 and 1024",
+            ));
+        }
+        if self.ingest_buffer_bytes < 64 << 10 {
+            return Err(invalid(
+                "PGFANOUT_INGEST_BUFFER_BYTES",
+                "ingest-buffer-bytes",
+                "must be at least 65536",
             ));
         }
         if self.drain_window >= self.shutdown_grace {

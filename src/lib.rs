@@ -10,7 +10,7 @@
 //! - [`session`]: one task per connection: commands, bounded queue, ping/pong, close codes.
 //! - [`hub`]: channel → local sessions; fan-out of frames encoded once.
 //! - [`bus`]: the Redis (or in-memory) bus: offsets, epochs, history, subscriptions.
-//! - [`ingest`]: the Postgres LISTEN loop and the bridge lease.
+//! - [`ingest`]: the Postgres LISTEN loop, channel-shard leases, takeovers and bridges.
 //! - [`limits`]: rate and connection limits per tier and subject, shared in Redis.
 //! - [`demo`]: the live-table demo page at `/demo/` and its table (`PGFANOUT_DEMO`).
 //! - [`http`]: the axum router: WebSocket, `/health`, `/ready`, `/metrics`.
@@ -52,9 +52,6 @@ use config::Config;
 use health::Health;
 use hub::Hub;
 use shutdown::{Deadlines, Tasks};
-
-/// Redis key of the lease that makes one node the bridge of Postgres notifications.
-pub const BRIDGE_LEASE_KEY: &str = "pgfanout:lease:bridge";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -233,32 +230,46 @@ async fn finish(server: Server, deadline: Instant) -> Result<(), RunError> {
     }
 }
 
-/// The LISTEN loop and, with Redis, the bridge lease: both in the ingest stage, so they
-/// run until the sessions are gone and then hand off.
+/// The LISTEN loop, one bridge per channel shard and, with Redis, the shard leases: all in
+/// the ingest stage, so they run until the sessions are gone and then hand off.
 fn start_ingest(config: &Config, url: &str, bus: &Bus, health: &Arc<Health>, tasks: &Tasks) {
-    let lease = match bus {
+    let stage = &tasks.ingest;
+    let shared = ingest::shards::Shared::new(config.ingest_shards, config.ingest_buffer_bytes);
+    // Unique per process, so a restarted node never takes its predecessor's leases or
+    // markers for its own.
+    let instance = format!("{}-{:08x}", config.node_id(), rand::random::<u32>());
+    let barriers = match bus {
         Bus::Redis(redis) => {
-            let lease = ingest::lease::Lease::new(
-                redis.connection(),
-                BRIDGE_LEASE_KEY.into(),
-                config.node_id(),
-                config.lease_ttl,
-            );
-            tasks
-                .ingest
-                .spawn(lease.clone().run(tasks.ingest.cancel.clone()));
-            Some(lease)
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let leases = ingest::shards::Leases {
+                conn: redis.connection(),
+                instance: instance.clone(),
+                ttl: config.lease_ttl,
+                shared: shared.clone(),
+                barriers: tx,
+            };
+            stage.spawn(leases.run(stage.cancel.clone()));
+            Some(rx)
         }
         Bus::Memory(_) => None,
     };
+    for shard in 0..config.ingest_shards {
+        stage.spawn(ingest::shards::bridge(
+            shard,
+            shared.clone(),
+            bus.clone(),
+            stage.cancel.clone(),
+        ));
+    }
     let ingest = ingest::Ingest {
         database_url: url.to_owned(),
         channels: config.channels.clone(),
-        bus: bus.clone(),
-        lease,
+        shared,
+        barriers,
+        instance,
         health: health.clone(),
     };
-    tasks.ingest.spawn(ingest.run(tasks.ingest.cancel.clone()));
+    stage.spawn(ingest.run(stage.cancel.clone()));
 }
 
 /// The bus from config, its tasks in the background stage; Redis is retried with backoff

@@ -27,6 +27,12 @@ pub const NOTIFICATIONS_RECEIVED: &str = "pgfanout_notifications_received_total"
 pub const POSTGRES_RECONNECTS: &str = "pgfanout_postgres_reconnects_total";
 pub const REDIS_RECONNECTS: &str = "pgfanout_redis_reconnects_total";
 pub const BRIDGE_OWNER: &str = "pgfanout_bridge_owner";
+pub const INGEST_SHARDS_OWNED: &str = "pgfanout_ingest_shards_owned";
+pub const INGEST_TAKEOVERS: &str = "pgfanout_ingest_takeovers_total";
+pub const INGEST_REPUBLISHED: &str = "pgfanout_ingest_republished_total";
+pub const INGEST_DUPLICATES: &str = "pgfanout_ingest_duplicates_dropped_total";
+pub const INGEST_LOST: &str = "pgfanout_ingest_lost_total";
+pub const INGEST_BUFFER_BYTES: &str = "pgfanout_ingest_buffer_bytes";
 pub const RECOVERIES_ATTEMPTED: &str = "pgfanout_recoveries_attempted_total";
 pub const RECOVERIES_SUCCEEDED: &str = "pgfanout_recoveries_succeeded_total";
 pub const RECOVERIES_FAILED: &str = "pgfanout_recoveries_failed_total";
@@ -113,7 +119,33 @@ fn describe() {
     );
     describe_gauge!(
         BRIDGE_OWNER,
-        "1 while this node bridges Postgres notifications into the bus"
+        "1 while this node bridges at least one channel shard into the bus"
+    );
+    describe_gauge!(
+        INGEST_SHARDS_OWNED,
+        "Channel shards this node bridges into the bus (holds the lease of)"
+    );
+    describe_counter!(
+        INGEST_TAKEOVERS,
+        "Channel shards this node took over (lease acquired, buffer reconciled)"
+    );
+    describe_counter!(
+        INGEST_REPUBLISHED,
+        "Buffered notifications a takeover found missing from the bus and published"
+    );
+    describe_counter!(
+        INGEST_DUPLICATES,
+        "Notifications or outbox rows not published because they were on the bus already, \
+         by path (notify, outbox)"
+    );
+    describe_counter!(
+        INGEST_LOST,
+        "Notifications a takeover found missing from the bus and no longer buffered here"
+    );
+    describe_gauge!(
+        INGEST_BUFFER_BYTES,
+        Unit::Bytes,
+        "Bytes of notifications buffered by this node's channel shards"
     );
     describe_counter!(
         RECOVERIES_ATTEMPTED,
@@ -224,6 +256,14 @@ pub fn register() {
     metrics::counter!(REDIS_RECONNECTS).absolute(0);
     metrics::counter!(REDIS_RESUBSCRIPTIONS).absolute(0);
     metrics::gauge!(BRIDGE_OWNER).set(0.0);
+    metrics::gauge!(INGEST_SHARDS_OWNED).set(0.0);
+    metrics::counter!(INGEST_TAKEOVERS).absolute(0);
+    metrics::counter!(INGEST_REPUBLISHED).absolute(0);
+    for path in ["notify", "outbox"] {
+        metrics::counter!(INGEST_DUPLICATES, "path" => path).absolute(0);
+    }
+    metrics::counter!(INGEST_LOST).absolute(0);
+    metrics::gauge!(INGEST_BUFFER_BYTES).set(0.0);
     metrics::gauge!(OUTBOX_PARTITIONS_OWNED).set(0.0);
     metrics::counter!(RECOVERIES_ATTEMPTED).absolute(0);
     metrics::counter!(RECOVERIES_SUCCEEDED).absolute(0);

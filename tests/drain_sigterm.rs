@@ -31,10 +31,14 @@ async fn sigterm_turns_unready_stops_accepting_spreads_reconnects_and_exits_zero
     cluster.wait_bridged().await?;
     let port = cluster.node().port();
     let redis = cluster.redis.as_ref().expect("cluster has redis");
+    let leases = (0..16)
+        .map(|shard| format!("pgfanout:ingest:lease:{shard}"))
+        .collect::<Vec<_>>()
+        .join(" ");
     assert_eq!(
-        redis.command("EXISTS pgfanout:lease:bridge")?.trim(),
-        ":1",
-        "the node holds the bridge lease"
+        redis.command(&format!("EXISTS {leases}"))?.trim(),
+        ":16",
+        "the node holds every shard lease"
     );
 
     let mut clients = Vec::new();
@@ -119,8 +123,8 @@ async fn sigterm_turns_unready_stops_accepting_spreads_reconnects_and_exits_zero
         exited < GRACE + Duration::from_secs(1),
         "exited after {exited:?}"
     );
-    let lease = redis.command("EXISTS pgfanout:lease:bridge")?;
-    assert_eq!(lease.trim(), ":0", "bridge lease released at exit");
+    let held = redis.command(&format!("EXISTS {leases}"))?;
+    assert_eq!(held.trim(), ":0", "shard leases released at exit");
     Ok(())
 }
 

@@ -63,6 +63,8 @@ pub enum Source {
     Client,
     /// `POST /api/publish`.
     Api,
+    /// The `pgfanout.outbox` table.
+    Outbox,
 }
 
 impl Source {
@@ -71,6 +73,7 @@ impl Source {
             Self::Notify => "notify",
             Self::Client => "client",
             Self::Api => "api",
+            Self::Outbox => "outbox",
         }
     }
 }
@@ -80,6 +83,18 @@ impl Source {
 pub struct Fence {
     pub key: String,
     pub token: String,
+    /// Written with the publication, atomically, when it is accepted.
+    pub record: Option<FenceRecord>,
+}
+
+/// A value a fenced publication records (ingest: the shard's stream position, so a node
+/// that takes the shard over knows what is on the bus already). A publication whose value
+/// is already recorded is a [`PublishOutcome::Duplicate`]: a retry after an unknown
+/// outcome publishes once. The in-memory bus (a single node) ignores it.
+#[derive(Debug, Clone)]
+pub struct FenceRecord {
+    pub key: String,
+    pub value: String,
 }
 
 #[derive(Debug)]

@@ -3,13 +3,19 @@
 -- KEYS[2] history stream (entry id = "<offset>-1", field d = data)
 -- KEYS[3] dedupe key (KEYS[1] again when unused)
 -- KEYS[4] lease key (KEYS[1] again when unused)
+-- KEYS[5] fence record key (KEYS[1] again when unused)
 -- ARGV[1] data  ARGV[2] history size  ARGV[3] history ttl (s)  ARGV[4] meta ttl (s)
 -- ARGV[5] epoch to use if the channel has none  ARGV[6] pub/sub channel
 -- ARGV[7] dedupe ttl (s), "0" = no dedupe  ARGV[8] lease token, "" = no fence
 -- ARGV[9] when it entered the bus (µs since the Unix epoch), for the latency metric
+-- ARGV[10] fence record value, "" = none: SET into KEYS[5] when published; already there
+--          means this publication is on the bus (a retry): {2, 0, ""}
 -- Returns {1, offset, epoch} published, {2, offset, epoch} duplicate, {0, 0, ""} fenced.
 if ARGV[8] ~= "" and redis.call("GET", KEYS[4]) ~= ARGV[8] then
   return {0, 0, ""}
+end
+if ARGV[10] ~= "" and redis.call("GET", KEYS[5]) == ARGV[10] then
+  return {2, 0, ""}
 end
 if ARGV[7] ~= "0" then
   local seen = redis.call("GET", KEYS[3])
@@ -32,6 +38,9 @@ if tonumber(ARGV[2]) > 0 then
 end
 if ARGV[7] ~= "0" then
   redis.call("SET", KEYS[3], offset, "EX", ARGV[7])
+end
+if ARGV[10] ~= "" then
+  redis.call("SET", KEYS[5], ARGV[10])
 end
 redis.call("PUBLISH", ARGV[6], offset .. " " .. epoch .. " t" .. ARGV[9] .. " " .. ARGV[1])
 return {1, offset, epoch}

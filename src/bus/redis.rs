@@ -169,12 +169,14 @@ impl RedisBus {
         let meta = keys::meta(req.channel);
         let dedupe = req.idempotency_key.map(|k| keys::dedupe(req.channel, k));
         let lease = req.fence.map(|f| f.key.as_str());
+        let record = req.fence.and_then(|f| f.record.as_ref());
         let mut invocation = self.inner.publish.prepare_invoke();
         invocation
             .key(&meta)
             .key(keys::history(req.channel))
             .key(dedupe.as_deref().unwrap_or(&meta))
             .key(lease.unwrap_or(&meta))
+            .key(record.map_or(meta.as_str(), |r| r.key.as_str()))
             .arg(&req.data[..])
             .arg(h.size)
             .arg(ttl_secs(h.ttl))
@@ -187,7 +189,8 @@ impl RedisBus {
                 0
             })
             .arg(req.fence.map_or("", |f| f.token.as_str()))
-            .arg(super::now_micros());
+            .arg(super::now_micros())
+            .arg(record.map_or("", |r| r.value.as_str()));
         let mut conn = self.inner.commands.clone();
         let (status, offset, epoch): (i64, u64, String) =
             invocation.invoke_async(&mut conn).await?;

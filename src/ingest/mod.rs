@@ -1,34 +1,41 @@
 //! Ingest from Postgres: the LISTEN loop on one dedicated connection, reconnecting with
-//! backoff, and the bridge that puts each notification on the bus exactly once.
+//! backoff, that feeds every notification into the per-shard buffers of [`stream`]; the
+//! shard leases and takeovers of [`shards`]; one bridge task per shard that puts what this
+//! node owns on the bus, exactly once.
 //!
-//! Every node LISTENs; with Redis only the holder of the bridge lease publishes (fenced
-//! by the lease token), so N nodes put a notification on the bus once. The in-memory bus
-//! is its own single owner.
+//! Every node LISTENs on every channel (a warm standby for every shard). With Redis, the
+//! holder of a shard's lease bridges it (fenced by the lease token); the in-memory bus is
+//! its own single owner. The rule that makes a takeover lose nothing and repeat nothing is
+//! in `docs/ingest.md`.
 
-pub mod lease;
+pub mod shards;
+pub mod stream;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{AsyncMessage, NoTls, Notification};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, PublishOutcome, PublishRequest, Source};
 use crate::health::Health;
 use crate::metrics as m;
 use crate::protocol::payload_to_json;
-use lease::Lease;
+use shards::{Barrier, Shared};
 
 /// `application_name` of the LISTEN connection, so operators (and tests) can find it.
 pub const APPLICATION_NAME: &str = "pgfanout-listen";
-/// Notifications read from the socket but not yet bridged.
+/// The Postgres channel of stream markers (see [`stream`]): every node listens on it.
+pub const MARKER_CHANNEL: &str = "pgfanout_ingest_marker";
+/// Notifications read from the socket but not yet buffered.
 const NOTIFICATION_QUEUE: usize = 1024;
 /// A silent connection (a cut network) is detected by this query at least this often.
 const LIVENESS_PERIOD: Duration = Duration::from_secs(5);
 const LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
-const PUBLISH_ATTEMPTS: u32 = 3;
+/// How long an owner's full buffer waits for its bridge before looking again.
+const BACKPRESSURE_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -43,24 +50,34 @@ pub enum IngestError {
 pub struct Ingest {
     pub database_url: String,
     pub channels: Vec<String>,
-    pub bus: Bus,
-    /// None on the in-memory bus: this node is the only bridge.
-    pub lease: Option<Arc<Lease>>,
+    pub shared: Arc<Shared>,
+    /// Takeovers waiting for a marker; None on the in-memory bus, where this node bridges
+    /// every shard.
+    pub barriers: Option<mpsc::Receiver<Barrier>>,
+    /// Prefix of this process' marker ids (unique per process).
+    pub instance: String,
     pub health: Arc<Health>,
 }
 
 impl Ingest {
     /// LISTENs until cancelled, reconnecting with exponential backoff (100 ms to 5 s).
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut barriers = self.barriers.take();
         let mut delay = Duration::from_millis(100);
         let mut first = true;
+        let mut markers = 0u64;
         loop {
             if !first {
                 metrics::counter!(m::POSTGRES_RECONNECTS).increment(1);
             }
             first = false;
-            let result = self.listen_once(&cancel, &mut delay).await;
+            let result = self
+                .listen_once(&cancel, &mut delay, &mut markers, &mut barriers)
+                .await;
             self.health.set_postgres(false);
+            // What this connection buffered cannot be lined up with the next one.
+            self.shared.lock().reset();
+            self.shared.report_owned();
             match result {
                 Ok(()) => return,
                 Err(e) => {
@@ -75,11 +92,14 @@ impl Ingest {
         }
     }
 
-    /// One connection's life: connect, LISTEN, bridge until it fails or we are cancelled.
+    /// One connection's life: connect, LISTEN, mark, buffer until it fails or we are
+    /// cancelled.
     async fn listen_once(
         &self,
         cancel: &CancellationToken,
         delay: &mut Duration,
+        markers: &mut u64,
+        barriers: &mut Option<mpsc::Receiver<Barrier>>,
     ) -> Result<(), IngestError> {
         let mut config: tokio_postgres::Config = self.database_url.parse()?;
         config
@@ -109,12 +129,23 @@ impl Ingest {
         // The driver dies with this connection's life, whatever ends it.
         let _driver_guard = AbortOnDrop(driver.abort_handle());
 
-        for channel in &self.channels {
-            client
-                .batch_execute(&format!("LISTEN {}", quote_ident(channel)))
-                .await?;
+        {
+            let mut state = self.shared.lock();
+            state.reset();
+            if barriers.is_none() {
+                state.own_all();
+            }
         }
-        self.health.set_postgres(true);
+        self.shared.report_owned();
+        let mut listen = format!("LISTEN {};", quote_ident(MARKER_CHANNEL));
+        for channel in &self.channels {
+            listen.push_str(&format!("LISTEN {};", quote_ident(channel)));
+        }
+        client.batch_execute(&listen).await?;
+        // Positions start at our first marker: we are listening before it is sent, so
+        // everything after it in the server's order reaches us.
+        let mut pending: HashMap<String, Vec<oneshot::Sender<()>>> = HashMap::new();
+        let first_marker = self.send_marker(&client, markers).await?;
         *delay = Duration::from_millis(100);
         tracing::info!(channels = ?self.channels, "listening on postgres");
 
@@ -124,7 +155,21 @@ impl Ingest {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 n = notifications.recv() => match n {
-                    Some(n) => self.bridge(&n).await,
+                    Some(n) if n.channel() == MARKER_CHANNEL => {
+                        self.shared.lock().mark(n.payload());
+                        if n.payload() == first_marker {
+                            self.health.set_postgres(true);
+                            tracing::info!("ingest stream aligned");
+                        }
+                        for done in pending.remove(n.payload()).unwrap_or_default() {
+                            let _ = done.send(());
+                        }
+                    }
+                    Some(n) => {
+                        if !self.buffer(&n, cancel).await {
+                            return Ok(());
+                        }
+                    }
                     None => {
                         return match driver.await {
                             Ok(Err(e)) => Err(e.into()),
@@ -132,7 +177,13 @@ impl Ingest {
                         };
                     }
                 },
+                Some(barrier) = recv_barrier(barriers) => {
+                    let id = self.send_marker(&client, markers).await?;
+                    pending.entry(id).or_default().push(barrier.done);
+                }
                 _ = liveness.tick() => {
+                    let bytes = self.shared.lock().buffered_bytes();
+                    metrics::gauge!(m::INGEST_BUFFER_BYTES).set(bytes as f64);
                     match tokio::time::timeout(LIVENESS_TIMEOUT, client.simple_query("SELECT 1")).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return Err(e.into()),
@@ -143,42 +194,48 @@ impl Ingest {
         }
     }
 
-    /// Puts one notification on the bus, if this node is the bridge.
-    async fn bridge(&self, n: &Notification) {
+    async fn send_marker(
+        &self,
+        client: &tokio_postgres::Client,
+        markers: &mut u64,
+    ) -> Result<String, IngestError> {
+        *markers += 1;
+        let id = format!("{}:{:x}", self.instance, *markers);
+        client
+            .execute("SELECT pg_notify($1, $2)", &[&MARKER_CHANNEL, &id])
+            .await?;
+        Ok(id)
+    }
+
+    /// Buffers one notification; an owner whose bridge is behind by a full buffer waits
+    /// for it (Postgres keeps the rest queued) rather than drop. False when cancelled.
+    async fn buffer(&self, n: &Notification, cancel: &CancellationToken) -> bool {
         metrics::counter!(m::NOTIFICATIONS_RECEIVED).increment(1);
-        let fence = match &self.lease {
-            Some(lease) if lease.is_held() => Some(lease.fence()),
-            Some(_) => {
-                metrics::counter!(m::MESSAGES_DROPPED, "reason" => "standby").increment(1);
-                return;
-            }
-            None => None,
+        let shard = {
+            let state = self.shared.lock();
+            shards::shard_of(n.channel(), state.shard_count())
         };
+        let channel: Arc<str> = Arc::from(n.channel());
         let data = payload_to_json(n.payload());
-        for attempt in 1..=PUBLISH_ATTEMPTS {
-            let request = PublishRequest {
-                channel: n.channel(),
-                data: data.clone(),
-                idempotency_key: None,
-                fence,
-                source: Source::Notify,
-            };
-            match self.bus.publish(request).await {
-                Ok(PublishOutcome::Fenced) => {
-                    metrics::counter!(m::MESSAGES_DROPPED, "reason" => "fenced").increment(1);
-                    return;
-                }
-                Ok(_) => return,
-                Err(e) if attempt < PUBLISH_ATTEMPTS => {
-                    tracing::warn!(error = %e, attempt, "bus publish failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, channel = n.channel(), "notification not bridged");
-                    metrics::counter!(m::MESSAGES_DROPPED, "reason" => "bus_error").increment(1);
-                }
+        loop {
+            let pushed = self.shared.lock().push(shard, channel.clone(), data.clone());
+            if pushed.is_ok() {
+                self.shared.work[shard].notify_one();
+                return true;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = self.shared.progress.notified() => {}
+                _ = tokio::time::sleep(BACKPRESSURE_POLL) => {}
             }
         }
+    }
+}
+
+async fn recv_barrier(barriers: &mut Option<mpsc::Receiver<Barrier>>) -> Option<Barrier> {
+    match barriers {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -16,6 +16,8 @@ pub struct Cluster {
     pub redis: Option<RedisServer>,
     /// The shared database the nodes LISTEN on.
     pub db: TestDb,
+    /// Channel shards the nodes split between them (`PGFANOUT_INGEST_SHARDS`, default 16).
+    pub shards: usize,
 }
 
 impl Cluster {
@@ -43,6 +45,12 @@ impl Cluster {
             None
         };
         let tag = &super::random_tag()[..6];
+        let shards = env
+            .iter()
+            .find(|(key, _)| *key == "PGFANOUT_INGEST_SHARDS")
+            .map_or(DEFAULT_SHARDS, |(_, value)| {
+                value.parse().expect("PGFANOUT_INGEST_SHARDS is a number")
+            });
         let mut nodes = Vec::with_capacity(n);
         for index in 0..n {
             let mut builder = Node::builder()
@@ -57,38 +65,58 @@ impl Cluster {
             }
             nodes.push(builder.start().await);
         }
-        Cluster { nodes, redis, db }
+        Cluster {
+            nodes,
+            redis,
+            db,
+            shards,
+        }
     }
 
-    /// Waits until every node answers 200 on `/ready` and (with Redis) one node reports itself
-    /// bridge owner (`pgfanout_bridge_owner` 1): from then on a NOTIFY reaches the bus.
+    /// Waits until every node answers 200 on `/ready` and every channel shard is bridged by
+    /// some node (`pgfanout_ingest_shards_owned` summed over the nodes): from then on a NOTIFY
+    /// reaches the bus without waiting for a takeover.
     pub async fn wait_bridged(&self) -> anyhow::Result<()> {
         for node in &self.nodes {
             node.wait_ready(BRIDGE_TIMEOUT).await?;
         }
-        if self.redis.is_none() {
-            return Ok(());
-        }
-        super::eventually(
-            BRIDGE_TIMEOUT,
-            "a node with pgfanout_bridge_owner 1",
-            || async {
-                let mut seen = Vec::new();
-                for node in &self.nodes {
-                    match node.metric_sum("pgfanout_bridge_owner").await {
-                        Ok(owner) if owner >= 1.0 => return Ok(()),
-                        Ok(owner) => seen.push(format!("{}={owner}", node.id())),
-                        Err(err) => seen.push(format!("{}: {err:#}", node.id())),
-                    }
-                }
-                Err(seen.join(", "))
-            },
-        )
-        .await
+        let running: Vec<&Node> = self.nodes.iter().collect();
+        wait_all_shards_owned(&running, self.shards).await
     }
 
     /// The first node.
     pub fn node(&self) -> &Node {
         &self.nodes[0]
     }
+}
+
+/// Shards of a node that sets no `PGFANOUT_INGEST_SHARDS`.
+pub const DEFAULT_SHARDS: usize = 16;
+
+/// Waits until `nodes` together bridge all `shards` shards (each node's
+/// `pgfanout_ingest_shards_owned`, summed).
+pub async fn wait_all_shards_owned(nodes: &[&Node], shards: usize) -> anyhow::Result<()> {
+    super::eventually(
+        BRIDGE_TIMEOUT,
+        &format!("all {shards} shards owned"),
+        || async {
+            let mut seen = Vec::new();
+            let mut total = 0.0;
+            for node in nodes {
+                match node.metric_sum("pgfanout_ingest_shards_owned").await {
+                    Ok(owned) => {
+                        total += owned;
+                        seen.push(format!("{}={owned}", node.id()));
+                    }
+                    Err(err) => seen.push(format!("{}: {err:#}", node.id())),
+                }
+            }
+            if total == shards as f64 {
+                Ok(())
+            } else {
+                Err(seen.join(", "))
+            }
+        },
+    )
+    .await
 }

@@ -1,0 +1,457 @@
+//! Who bridges which channel shard: leases in Redis, spread over the live nodes, and the
+//! takeover that reconciles a node's buffer with what the previous owner put on the bus.
+//!
+//! Every third of the lease TTL one script call heartbeats this node into the live set,
+//! renews the leases it holds, and acquires free shards up to its share,
+//! `ceil(shards / live nodes)`; a node holding more than its share (a node joined) releases
+//! the surplus. A node whose LISTEN stream is not aligned (connecting, or lost) leaves the
+//! live set and releases everything, so a standby takes over. A lease token is new at each
+//! acquisition: it fences publications (see `bus/publish.lua`), which also record the
+//! shard's stream position atomically.
+//!
+//! Takeover: after acquiring, the node sends a marker through Postgres and waits until its
+//! own stream has passed it. The lease was ours before the marker was sent, so whatever the
+//! previous owner published is now in our stream's past; the position it recorded says where
+//! we continue ([`StreamState::take_over`]).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::stream::{Position, StreamState};
+use crate::bus::{Bus, Fence, FenceRecord, PublishOutcome, PublishRequest, Source};
+use crate::metrics as m;
+
+/// How long a takeover waits for its marker to come back through Postgres.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Redis keys of the shard leases.
+pub mod keys {
+    /// Sorted set: node instance → heartbeat expiry (ms, Redis clock).
+    pub const NODES: &str = "pgfanout:ingest:nodes";
+    pub fn lease(shard: usize) -> String {
+        format!("pgfanout:ingest:lease:{shard}")
+    }
+    /// The stream position of the last notification of the shard on the bus.
+    pub fn position(shard: usize) -> String {
+        format!("pgfanout:ingest:pos:{shard}")
+    }
+}
+
+/// Heartbeat, renew, acquire up to the fair share; returns {live, share, token per shard}.
+const CLAIM: &str = r#"
+-- KEYS[1] live nodes, KEYS[2..] shard leases. ARGV: instance, ttl ms, claim (1/0),
+-- nonce, first shard to try.
+local ttl = tonumber(ARGV[2])
+local t = redis.call("TIME")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local prefix = ARGV[1] .. ":"
+local shards = #KEYS - 1
+local out = {0, 0}
+if ARGV[3] ~= "1" then
+  redis.call("ZREM", KEYS[1], ARGV[1])
+  for i = 2, #KEYS do
+    local v = redis.call("GET", KEYS[i])
+    if v and string.sub(v, 1, #prefix) == prefix then redis.call("DEL", KEYS[i]) end
+    out[i + 1] = ""
+  end
+  return out
+end
+redis.call("ZADD", KEYS[1], now + ttl, ARGV[1])
+redis.call("ZREMRANGEBYSCORE", KEYS[1], "-inf", now)
+redis.call("PEXPIRE", KEYS[1], ttl * 4)
+local live = redis.call("ZCARD", KEYS[1])
+local share = math.ceil(shards / live)
+local held = 0
+for i = 2, #KEYS do
+  local v = redis.call("GET", KEYS[i])
+  if v and string.sub(v, 1, #prefix) == prefix then
+    redis.call("PEXPIRE", KEYS[i], ttl)
+    held = held + 1
+    out[i + 1] = v
+  else
+    out[i + 1] = ""
+  end
+end
+local first = tonumber(ARGV[5])
+for j = 0, shards - 1 do
+  if held >= share then break end
+  local i = ((first + j) % shards) + 2
+  if out[i + 1] == "" then
+    local token = prefix .. ARGV[4] .. ":" .. (i - 2)
+    if redis.call("SET", KEYS[i], token, "NX", "PX", ttl) then
+      held = held + 1
+      out[i + 1] = token
+    end
+  end
+end
+out[1] = live
+out[2] = share
+return out
+"#;
+
+const RELEASE: &str = r#"
+if redis.call("GET", KEYS[1]) == ARGV[1] then
+  return redis.call("DEL", KEYS[1])
+end
+return 0
+"#;
+
+/// The ingest state shared by the LISTEN loop, the lease keeper and the shard bridges.
+pub struct Shared {
+    pub state: Mutex<StreamState>,
+    /// One per shard: a notification or an ownership arrived.
+    pub work: Vec<Notify>,
+    /// A bridge made progress (an owner's full buffer may take more).
+    pub progress: Notify,
+}
+
+impl Shared {
+    pub fn new(shards: usize, buffer_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(StreamState::new(shards, buffer_bytes)),
+            work: (0..shards).map(|_| Notify::new()).collect(),
+            progress: Notify::new(),
+        })
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, StreamState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn report_owned(&self) {
+        let owned = self.lock().owned();
+        metrics::gauge!(m::INGEST_SHARDS_OWNED).set(owned as f64);
+        metrics::gauge!(m::BRIDGE_OWNER).set(if owned > 0 { 1.0 } else { 0.0 });
+        // A release lets a full buffer drop its oldest again.
+        self.progress.notify_waiters();
+    }
+}
+
+/// A request to the LISTEN loop: send a marker and answer once the stream passed it.
+pub struct Barrier {
+    pub done: oneshot::Sender<()>,
+}
+
+/// Keeps this node's share of shard leases and takes shards over.
+pub struct Leases {
+    pub conn: ConnectionManager,
+    /// Unique per process: a restarted node never mistakes its predecessor's leases.
+    pub instance: String,
+    pub ttl: Duration,
+    pub shared: Arc<Shared>,
+    pub barriers: mpsc::Sender<Barrier>,
+}
+
+impl Leases {
+    /// Heartbeats, claims and takes over until cancelled, then releases every lease.
+    pub async fn run(self, cancel: CancellationToken) {
+        let claim = Script::new(CLAIM);
+        let shards = self.shared.lock().shard_count();
+        let first = (fnv1a(self.instance.as_bytes()) % shards as u64).to_string();
+        let mut tick = tokio::time::interval(self.ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut nonce = 0u64;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            nonce += 1;
+            let aligned = self.shared.lock().aligned();
+            let mut invocation = claim.prepare_invoke();
+            invocation.key(keys::NODES);
+            for shard in 0..shards {
+                invocation.key(keys::lease(shard));
+            }
+            invocation
+                .arg(&self.instance)
+                .arg(ttl_ms)
+                .arg(if aligned { "1" } else { "0" })
+                .arg(format!("{nonce:x}"))
+                .arg(&first);
+            let mut conn = self.conn.clone();
+            let reply = tokio::time::timeout(
+                REDIS_TIMEOUT,
+                invocation.invoke_async::<Vec<redis::Value>>(&mut conn),
+            )
+            .await;
+            let (share, tokens) = match reply {
+                Ok(Ok(values)) => match parse_claim(values, shards) {
+                    Some(parsed) => parsed,
+                    None => {
+                        tracing::warn!("unexpected reply from the shard claim script");
+                        continue;
+                    }
+                },
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot renew shard leases");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!("renewing shard leases timed out");
+                    continue;
+                }
+            };
+            self.apply(share, tokens, &cancel).await;
+        }
+        self.release_all().await;
+    }
+
+    /// Brings local ownership in line with what Redis says we hold.
+    async fn apply(&self, share: usize, tokens: Vec<Option<String>>, cancel: &CancellationToken) {
+        let mut acquired = Vec::new();
+        let mut held = Vec::new();
+        {
+            let mut state = self.shared.lock();
+            for (shard, remote) in tokens.into_iter().enumerate() {
+                let local = state.token(shard);
+                match (local, remote) {
+                    (Some(l), Some(r)) if *l == *r => held.push(shard),
+                    (Some(_), remote) => {
+                        tracing::warn!(shard, "shard lease lost");
+                        state.release(shard);
+                        if let Some(r) = remote {
+                            acquired.push((shard, r));
+                        }
+                    }
+                    (None, Some(r)) => acquired.push((shard, r)),
+                    (None, None) => {}
+                }
+            }
+        }
+        // Over our share (a node joined): hand the surplus over, newest first.
+        let mut surplus = (held.len() + acquired.len()).saturating_sub(share);
+        while surplus > 0 {
+            let (shard, token) = match acquired.pop() {
+                Some(a) => a,
+                None => match held.pop() {
+                    Some(shard) => match self.shared.lock().token(shard) {
+                        Some(t) => (shard, t.to_string()),
+                        None => continue,
+                    },
+                    None => break,
+                },
+            };
+            self.shared.lock().release(shard);
+            self.release(shard, &token).await;
+            tracing::info!(shard, "shard handed over (over this node's share)");
+            surplus -= 1;
+        }
+        if !acquired.is_empty() {
+            self.take_over(acquired, cancel).await;
+        }
+        self.shared.report_owned();
+    }
+
+    /// Waits until our stream passed a fresh marker, then continues each shard from the
+    /// position the bus recorded for it.
+    async fn take_over(&self, acquired: Vec<(usize, String)>, cancel: &CancellationToken) {
+        let (done, passed) = oneshot::channel();
+        let sent = self.barriers.try_send(Barrier { done }).is_ok();
+        let passed = sent
+            && tokio::select! {
+                _ = cancel.cancelled() => false,
+                r = tokio::time::timeout(BARRIER_TIMEOUT, passed) => matches!(r, Ok(Ok(()))),
+            };
+        let positions = if passed {
+            self.read_positions(&acquired).await
+        } else {
+            None
+        };
+        let Some(positions) = positions else {
+            tracing::warn!("takeover not possible now (stream not caught up or Redis); releasing");
+            for (shard, token) in &acquired {
+                self.release(*shard, token).await;
+            }
+            return;
+        };
+        for ((shard, token), recorded) in acquired.into_iter().zip(positions) {
+            let report = self
+                .shared
+                .lock()
+                .take_over(shard, Arc::from(token), recorded.as_ref());
+            tracing::info!(
+                shard,
+                recorded = ?recorded.as_ref().map(Position::encode),
+                republish = report.republish,
+                duplicates = report.duplicates,
+                lost = report.lost,
+                "took shard over"
+            );
+            metrics::counter!(m::INGEST_TAKEOVERS).increment(1);
+            metrics::counter!(m::INGEST_REPUBLISHED).increment(report.republish);
+            metrics::counter!(m::INGEST_DUPLICATES, "path" => "notify")
+                .increment(report.duplicates);
+            metrics::counter!(m::INGEST_LOST).increment(report.lost);
+            self.shared.work[shard].notify_one();
+        }
+    }
+
+    async fn read_positions(&self, acquired: &[(usize, String)]) -> Option<Vec<Option<Position>>> {
+        let mut cmd = redis::cmd("MGET");
+        for (shard, _) in acquired {
+            cmd.arg(keys::position(*shard));
+        }
+        let mut conn = self.conn.clone();
+        let values: Vec<Option<String>> =
+            match tokio::time::timeout(REDIS_TIMEOUT, cmd.query_async(&mut conn)).await {
+                Ok(Ok(v)) => v,
+                _ => return None,
+            };
+        Some(
+            values
+                .into_iter()
+                .map(|v| v.as_deref().and_then(Position::decode))
+                .collect(),
+        )
+    }
+
+    async fn release(&self, shard: usize, token: &str) {
+        let script = Script::new(RELEASE);
+        let mut invocation = script.prepare_invoke();
+        invocation.key(keys::lease(shard)).arg(token);
+        let mut conn = self.conn.clone();
+        let _ = tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async::<i64>(&mut conn)).await;
+    }
+
+    async fn release_all(&self) {
+        let held: Vec<(usize, Arc<str>)> = {
+            let mut state = self.shared.lock();
+            let held = (0..state.shard_count())
+                .filter_map(|s| Some((s, state.token(s)?)))
+                .collect();
+            for shard in 0..state.shard_count() {
+                state.release(shard);
+            }
+            held
+        };
+        let mut conn = self.conn.clone();
+        let _ = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            redis::cmd("ZREM")
+                .arg(keys::NODES)
+                .arg(&self.instance)
+                .query_async::<i64>(&mut conn),
+        )
+        .await;
+        for (shard, token) in &held {
+            self.release(*shard, token).await;
+        }
+        if !held.is_empty() {
+            tracing::info!(shards = held.len(), "shard leases released");
+        }
+        self.shared.report_owned();
+    }
+}
+
+fn parse_claim(values: Vec<redis::Value>, shards: usize) -> Option<(usize, Vec<Option<String>>)> {
+    use redis::Value;
+    if values.len() != shards + 2 {
+        return None;
+    }
+    let mut it = values.into_iter();
+    let _live = it.next()?;
+    let share = match it.next()? {
+        Value::Int(n) => usize::try_from(n).ok()?,
+        _ => return None,
+    };
+    let tokens = it
+        .map(|v| match v {
+            Value::BulkString(b) if !b.is_empty() => String::from_utf8(b).ok(),
+            _ => None,
+        })
+        .collect();
+    Some((share, tokens))
+}
+
+/// Publishes the notifications of one shard, in order, while this node bridges it.
+pub async fn bridge(shard: usize, shared: Arc<Shared>, bus: Bus, cancel: CancellationToken) {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let job = shared.lock().next_job(shard);
+        let Some(job) = job else {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = shared.work[shard].notified() => continue,
+            }
+        };
+        let fence = job.token.as_ref().map(|token| Fence {
+            key: keys::lease(shard),
+            token: token.to_string(),
+            record: job.entry.position.as_ref().map(|p| FenceRecord {
+                key: keys::position(shard),
+                value: p.encode(),
+            }),
+        });
+        let request = PublishRequest {
+            channel: &job.entry.channel,
+            data: job.entry.data.clone(),
+            idempotency_key: None,
+            fence: fence.as_ref(),
+            source: Source::Notify,
+        };
+        match bus.publish(request).await {
+            Ok(outcome) => {
+                delay = Duration::from_millis(50);
+                let mut state = shared.lock();
+                match outcome {
+                    PublishOutcome::Fenced => {
+                        metrics::counter!(m::MESSAGES_DROPPED, "reason" => "fenced").increment(1);
+                        state.fenced(shard, job.generation);
+                    }
+                    PublishOutcome::Duplicate { .. } => {
+                        metrics::counter!(m::INGEST_DUPLICATES, "path" => "notify").increment(1);
+                        state.done(shard, job.generation, job.entry.idx);
+                    }
+                    PublishOutcome::Published { .. } => {
+                        state.done(shard, job.generation, job.entry.idx);
+                    }
+                }
+                drop(state);
+                shared.progress.notify_waiters();
+            }
+            Err(e) => {
+                // The position record makes the retry idempotent: same entry, same value.
+                tracing::warn!(error = %e, shard, retry_in = ?delay, "bus publish failed");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// The shard of a channel: FNV-1a, stable across nodes, versions and restarts.
+pub fn shard_of(channel: &str, shards: usize) -> usize {
+    (fnv1a(channel.as_bytes()) % shards.max(1) as u64) as usize
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_stable_and_spread() {
+        assert_eq!(shard_of("orders", 16), shard_of("orders", 16));
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let used: std::collections::HashSet<usize> =
+            (0..64).map(|i| shard_of(&format!("ch{i}"), 16)).collect();
+        assert!(used.len() > 10, "{used:?}");
+    }
+}

@@ -1,0 +1,455 @@
+//! What this node received on its LISTEN connection, per channel shard: a bounded ring
+//! buffer of notifications with their stream positions, the markers that make positions
+//! comparable across nodes, and — for the shards this node bridges — the cursor of the
+//! next notification to put on the bus.
+//!
+//! # Positions
+//! Postgres delivers notifications to every listener in the same server order, but each
+//! listener only sees what was queued after its `LISTEN`, so a count of its own means
+//! nothing to another node. Markers fix a common origin: a node sends a marker
+//! notification (`pg_notify(MARKER_CHANNEL, id)`) right after it starts listening and
+//! again when it takes shards over; every node listens on the marker channel and sees each
+//! marker at the same point of the stream. A notification's position is `(m, n)`: the last
+//! marker `m` before it, and `n`, its rank among the notifications of its shard since `m`.
+//! Two nodes that both saw `m` give the same notification the same position. The
+//! notifications a node receives before its first marker have no position (see
+//! `docs/ingest.md` for what that means at a takeover).
+//!
+//! Everything here is plain state under one lock, with no I/O, so the takeover rule is
+//! unit-tested below.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+/// Markers remembered; a takeover whose recorded marker was forgotten treats every
+/// notification with a position as not yet bridged.
+const MAX_MARKERS: usize = 1024;
+/// What one buffered notification costs besides its payload and channel name.
+const ENTRY_OVERHEAD: usize = 96;
+
+/// A stream position as the bus records it for a shard: `"<marker> <n>"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub marker: Arc<str>,
+    pub n: u64,
+}
+
+impl Position {
+    pub fn encode(&self) -> String {
+        format!("{} {}", self.marker, self.n)
+    }
+
+    pub fn decode(s: &str) -> Option<Self> {
+        let (marker, n) = s.rsplit_once(' ')?;
+        Some(Self {
+            marker: Arc::from(marker),
+            n: n.parse().ok()?,
+        })
+    }
+}
+
+/// One notification as buffered.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Rank in this shard since the connection started (from 1).
+    pub idx: u64,
+    /// None: received before this connection's first marker.
+    pub position: Option<Position>,
+    pub channel: Arc<str>,
+    /// Valid JSON.
+    pub data: Bytes,
+}
+
+impl Entry {
+    fn cost(&self) -> usize {
+        self.data.len() + self.channel.len() + ENTRY_OVERHEAD
+    }
+}
+
+/// The bridge of one shard on this node.
+#[derive(Debug, Clone)]
+struct Owner {
+    /// The lease token (the fence); None on the in-memory bus (no other node).
+    token: Option<Arc<str>>,
+    /// Distinguishes successive ownerships, so a late publish result of an older one is
+    /// ignored.
+    generation: u64,
+    /// idx of the next notification to publish.
+    cursor: u64,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    /// idx the next notification gets.
+    next_idx: u64,
+    /// Notifications of this shard since the last marker.
+    since_marker: u64,
+    /// idx of the first notification with a position.
+    first_positioned: Option<u64>,
+    owner: Option<Owner>,
+}
+
+#[derive(Debug)]
+struct Marker {
+    id: Arc<str>,
+    /// Per shard: the idx of the last notification before the marker.
+    base: Vec<u64>,
+}
+
+/// What a takeover found in the buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Takeover {
+    /// Buffered notifications the previous owner had not bridged: published now.
+    pub republish: u64,
+    /// Buffered notifications the previous owner had bridged: dropped.
+    pub duplicates: u64,
+    /// Notifications the previous owner had not bridged that left this buffer (it was
+    /// full): lost.
+    pub lost: u64,
+}
+
+/// Why a buffer cannot take a notification now.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Full;
+
+/// The next notification the bridge of a shard must publish.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub entry: Entry,
+    pub token: Option<Arc<str>>,
+    pub generation: u64,
+}
+
+/// The ingest state of one LISTEN connection (reset when it reconnects).
+#[derive(Debug)]
+pub struct StreamState {
+    shards: Vec<Shard>,
+    markers: VecDeque<Marker>,
+    /// Bytes a shard may buffer.
+    cap: usize,
+    generations: u64,
+}
+
+impl StreamState {
+    pub fn new(shards: usize, cap: usize) -> Self {
+        let mut state = Self {
+            shards: (0..shards).map(|_| Shard::default()).collect(),
+            markers: VecDeque::new(),
+            cap,
+            generations: 0,
+        };
+        state.reset();
+        state
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// A new connection: what the old one received cannot be lined up with the new one, and
+    /// this node bridges nothing until it takes shards again.
+    pub fn reset(&mut self) {
+        for shard in &mut self.shards {
+            *shard = Shard {
+                next_idx: 1,
+                ..Shard::default()
+            };
+        }
+        self.markers.clear();
+    }
+
+    /// Whether this connection has seen a marker (positions exist).
+    pub fn aligned(&self) -> bool {
+        !self.markers.is_empty()
+    }
+
+    /// Buffers a notification of `shard`.
+    ///
+    /// # Errors
+    /// [`Full`]: the shard is bridged here and its unpublished notifications fill the
+    /// buffer; retry after the bridge made progress.
+    pub fn push(&mut self, shard: usize, channel: Arc<str>, data: Bytes) -> Result<(), Full> {
+        let latest = self.markers.back().map(|m| m.id.clone());
+        let cap = self.cap;
+        let s = &mut self.shards[shard];
+        let position = latest.map(|marker| Position {
+            marker,
+            n: s.since_marker + 1,
+        });
+        let entry = Entry {
+            idx: s.next_idx,
+            position,
+            channel,
+            data,
+        };
+        let cost = entry.cost();
+        while s.bytes + cost > cap {
+            let Some(front) = s.entries.front() else {
+                break;
+            };
+            if s.owner.as_ref().is_some_and(|o| front.idx >= o.cursor) {
+                return Err(Full);
+            }
+            s.bytes -= front.cost();
+            s.entries.pop_front();
+        }
+        if entry.position.is_some() {
+            s.first_positioned.get_or_insert(entry.idx);
+            s.since_marker += 1;
+        }
+        s.next_idx += 1;
+        s.bytes += cost;
+        s.entries.push_back(entry);
+        Ok(())
+    }
+
+    /// A marker went by: positions after it count from it.
+    pub fn mark(&mut self, id: &str) {
+        let base = self
+            .shards
+            .iter_mut()
+            .map(|s| {
+                s.since_marker = 0;
+                s.next_idx - 1
+            })
+            .collect();
+        self.markers.push_back(Marker {
+            id: Arc::from(id),
+            base,
+        });
+        if self.markers.len() > MAX_MARKERS {
+            self.markers.pop_front();
+        }
+    }
+
+    /// Bridges every shard from what arrives next, unfenced: the in-memory bus, where this
+    /// node is the only one.
+    pub fn own_all(&mut self) {
+        for shard in 0..self.shards.len() {
+            self.generations += 1;
+            let s = &mut self.shards[shard];
+            s.owner = Some(Owner {
+                token: None,
+                generation: self.generations,
+                cursor: s.entries.front().map_or(s.next_idx, |e| e.idx),
+            });
+        }
+    }
+
+    /// Takes `shard` over with lease `token`, given the position the bus recorded for it
+    /// (`None`: nothing recorded). The caller made sure this connection has seen a marker
+    /// sent after the lease was acquired, so everything the previous owner bridged is in
+    /// this connection's past.
+    ///
+    /// The rule: the first notification to publish is the one after the recorded position
+    /// when this connection saw its marker; otherwise (never recorded, or recorded before
+    /// this connection's markers) the first one with a position.
+    pub fn take_over(
+        &mut self,
+        shard: usize,
+        token: Arc<str>,
+        recorded: Option<&Position>,
+    ) -> Takeover {
+        let base = recorded.and_then(|p| {
+            let marker = self.markers.iter().find(|m| m.id == p.marker)?;
+            Some(marker.base[shard] + p.n + 1)
+        });
+        self.generations += 1;
+        let s = &mut self.shards[shard];
+        let start = base
+            .or(s.first_positioned)
+            .unwrap_or(s.next_idx)
+            .min(s.next_idx);
+        let first_kept = s.entries.front().map_or(s.next_idx, |e| e.idx);
+        let report = Takeover {
+            republish: s.next_idx - start.max(first_kept),
+            duplicates: start.saturating_sub(first_kept),
+            lost: first_kept.saturating_sub(start),
+        };
+        s.owner = Some(Owner {
+            token: Some(token),
+            generation: self.generations,
+            cursor: start.max(first_kept),
+        });
+        report
+    }
+
+    /// Stops bridging `shard` (lease released or lost).
+    pub fn release(&mut self, shard: usize) {
+        self.shards[shard].owner = None;
+    }
+
+    /// The lease token this node bridges `shard` with.
+    pub fn token(&self, shard: usize) -> Option<Arc<str>> {
+        self.shards[shard].owner.as_ref()?.token.clone()
+    }
+
+    pub fn owned(&self) -> usize {
+        self.shards.iter().filter(|s| s.owner.is_some()).count()
+    }
+
+    pub fn buffered_bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.bytes).sum()
+    }
+
+    /// The next notification to publish on `shard`, if this node bridges it.
+    pub fn next_job(&self, shard: usize) -> Option<Job> {
+        let s = &self.shards[shard];
+        let owner = s.owner.as_ref()?;
+        let first = s.entries.front()?.idx;
+        let at = usize::try_from(owner.cursor.checked_sub(first)?).ok()?;
+        let entry = s.entries.get(at)?.clone();
+        Some(Job {
+            entry,
+            token: owner.token.clone(),
+            generation: owner.generation,
+        })
+    }
+
+    /// The publication of `idx` is settled (published, or found on the bus already).
+    pub fn done(&mut self, shard: usize, generation: u64, idx: u64) {
+        if let Some(owner) = &mut self.shards[shard].owner {
+            if owner.generation == generation && owner.cursor == idx {
+                owner.cursor += 1;
+            }
+        }
+    }
+
+    /// The lease of this ownership was gone when we published.
+    pub fn fenced(&mut self, shard: usize, generation: u64) {
+        let s = &mut self.shards[shard];
+        if s.owner.as_ref().is_some_and(|o| o.generation == generation) {
+            s.owner = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(s: &mut StreamState, shard: usize, seq: u64) {
+        s.push(shard, Arc::from("c"), Bytes::from(seq.to_string()))
+            .unwrap();
+    }
+
+    fn drain(s: &mut StreamState, shard: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(job) = s.next_job(shard) {
+            out.push(String::from_utf8(job.entry.data.to_vec()).unwrap());
+            s.done(shard, job.generation, job.entry.idx);
+        }
+        out
+    }
+
+    fn pos(marker: &str, n: u64) -> Position {
+        Position {
+            marker: Arc::from(marker),
+            n,
+        }
+    }
+
+    #[test]
+    fn positions_encode_and_decode() {
+        let p = pos("node-a:1f:2", 42);
+        assert_eq!(Position::decode(&p.encode()), Some(p));
+        assert_eq!(Position::decode("x"), None);
+    }
+
+    #[test]
+    fn a_takeover_publishes_exactly_what_follows_the_recorded_position() {
+        // Two nodes joined at different times: b saw 1..=2 before its marker.
+        let mut a = StreamState::new(2, 1 << 20);
+        let mut b = StreamState::new(2, 1 << 20);
+        a.mark("m1");
+        for seq in 1..=2 {
+            push(&mut a, 0, seq);
+            push(&mut b, 0, seq);
+        }
+        a.mark("m2");
+        b.mark("m2");
+        for seq in 3..=10 {
+            push(&mut a, 0, seq);
+            push(&mut b, 0, seq);
+            push(&mut b, 1, 100 + seq);
+        }
+        // a bridged through seq 6, i.e. m2 + 4.
+        let report = b.take_over(0, Arc::from("t"), Some(&pos("m2", 4)));
+        assert_eq!(
+            report,
+            Takeover {
+                republish: 4,
+                duplicates: 6,
+                lost: 0
+            }
+        );
+        assert_eq!(drain(&mut b, 0), ["7", "8", "9", "10"]);
+        assert!(b.next_job(1).is_none(), "shard 1 is not ours");
+        push(&mut b, 0, 11);
+        assert_eq!(drain(&mut b, 0), ["11"]);
+    }
+
+    #[test]
+    fn an_unknown_marker_means_everything_positioned_is_new() {
+        let mut b = StreamState::new(1, 1 << 20);
+        push(&mut b, 0, 1); // before b's marker: no position, never republished
+        b.mark("mb");
+        push(&mut b, 0, 2);
+        let report = b.take_over(0, Arc::from("t"), Some(&pos("older", 9)));
+        assert_eq!((report.republish, report.duplicates), (1, 1));
+        assert_eq!(drain(&mut b, 0), ["2"]);
+
+        let mut fresh = StreamState::new(1, 1 << 20);
+        fresh.mark("m");
+        push(&mut fresh, 0, 1);
+        fresh.take_over(0, Arc::from("t"), None);
+        assert_eq!(drain(&mut fresh, 0), ["1"]);
+    }
+
+    #[test]
+    fn a_full_standby_buffer_drops_its_oldest_and_a_takeover_counts_them_lost() {
+        let one = "1".len() + "c".len() + ENTRY_OVERHEAD;
+        let mut b = StreamState::new(1, one * 3);
+        b.mark("m");
+        for seq in 1..=5 {
+            push(&mut b, 0, seq);
+        }
+        // The owner had bridged 1; 2 was evicted here.
+        let report = b.take_over(0, Arc::from("t"), Some(&pos("m", 1)));
+        assert_eq!(report.lost, 1);
+        assert_eq!(drain(&mut b, 0), ["3", "4", "5"]);
+    }
+
+    #[test]
+    fn an_owner_with_a_full_buffer_pushes_back_instead_of_dropping() {
+        let one = "1".len() + "c".len() + ENTRY_OVERHEAD;
+        let mut a = StreamState::new(1, one * 2);
+        a.mark("m");
+        a.take_over(0, Arc::from("t"), None);
+        push(&mut a, 0, 1);
+        push(&mut a, 0, 2);
+        assert_eq!(a.push(0, Arc::from("c"), Bytes::from("3")), Err(Full));
+        let job = a.next_job(0).unwrap();
+        a.done(0, job.generation, job.entry.idx);
+        push(&mut a, 0, 3);
+        assert_eq!(drain(&mut a, 0), ["2", "3"]);
+    }
+
+    #[test]
+    fn a_stale_result_does_not_move_a_newer_ownership() {
+        let mut a = StreamState::new(1, 1 << 20);
+        a.mark("m");
+        push(&mut a, 0, 1);
+        a.take_over(0, Arc::from("t1"), None);
+        let old = a.next_job(0).unwrap();
+        a.take_over(0, Arc::from("t2"), None);
+        a.fenced(0, old.generation);
+        a.done(0, old.generation, old.entry.idx);
+        assert_eq!(a.token(0).as_deref(), Some("t2"));
+        assert_eq!(drain(&mut a, 0), ["1"]);
+    }
+}
