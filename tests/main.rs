@@ -16,6 +16,7 @@ mod drain_sigterm;
 mod drain_startup;
 mod floods;
 mod harness;
+mod ingest_chaos;
 mod limits_latency;
 mod limits_session;
 mod limits_shared;

@@ -218,7 +218,10 @@ impl Ingest {
         let channel: Arc<str> = Arc::from(n.channel());
         let data = payload_to_json(n.payload());
         loop {
-            let pushed = self.shared.lock().push(shard, channel.clone(), data.clone());
+            let pushed = self
+                .shared
+                .lock()
+                .push(shard, channel.clone(), data.clone());
             if pushed.is_ok() {
                 self.shared.work[shard].notify_one();
                 return true;

@@ -226,7 +226,8 @@ impl Leases {
                 }
             }
         }
-        // Over our share (a node joined): hand the surplus over, newest first.
+        // Over our share (a node joined): hand the surplus over, shards not taken over yet
+        // first.
         let mut surplus = (held.len() + acquired.len()).saturating_sub(share);
         while surplus > 0 {
             let (shard, token) = match acquired.pop() {
@@ -239,15 +240,42 @@ impl Leases {
                     None => break,
                 },
             };
+            surplus -= 1;
+            if !self.caught_up(shard, cancel).await {
+                // Handing over a backlog would leave it to a node that may not have it
+                // (one that just joined): keep the shard until the next round.
+                continue;
+            }
             self.shared.lock().release(shard);
             self.release(shard, &token).await;
             tracing::info!(shard, "shard handed over (over this node's share)");
-            surplus -= 1;
         }
         if !acquired.is_empty() {
             self.take_over(acquired, cancel).await;
         }
         self.shared.report_owned();
+    }
+
+    /// Waits (a third of the TTL at most) until this node published everything it has
+    /// received of `shard`; true at once for a shard it does not bridge yet.
+    async fn caught_up(&self, shard: usize, cancel: &CancellationToken) -> bool {
+        let (head, owned) = {
+            let state = self.shared.lock();
+            (state.head(shard), state.token(shard).is_some())
+        };
+        if !owned {
+            return true;
+        }
+        let deadline = tokio::time::Instant::now() + self.ttl / 3;
+        loop {
+            if self.shared.lock().published_through(shard, head) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline || cancel.is_cancelled() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Waits until our stream passed a fresh marker, then continues each shard from the
@@ -318,7 +346,8 @@ impl Leases {
         let mut invocation = script.prepare_invoke();
         invocation.key(keys::lease(shard)).arg(token);
         let mut conn = self.conn.clone();
-        let _ = tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async::<i64>(&mut conn)).await;
+        let _ =
+            tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async::<i64>(&mut conn)).await;
     }
 
     async fn release_all(&self) {

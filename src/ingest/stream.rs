@@ -288,6 +288,19 @@ impl StreamState {
         self.shards[shard].owner.as_ref()?.token.clone()
     }
 
+    /// idx of the last notification of `shard` received so far.
+    pub fn head(&self, shard: usize) -> u64 {
+        self.shards[shard].next_idx - 1
+    }
+
+    /// Whether this node bridges `shard` and has published it through `idx`.
+    pub fn published_through(&self, shard: usize, idx: u64) -> bool {
+        self.shards[shard]
+            .owner
+            .as_ref()
+            .is_some_and(|o| o.cursor > idx)
+    }
+
     pub fn owned(&self) -> usize {
         self.shards.iter().filter(|s| s.owner.is_some()).count()
     }
