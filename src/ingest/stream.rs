@@ -90,6 +90,10 @@ struct Shard {
     since_marker: u64,
     /// idx of the first notification with a position.
     first_positioned: Option<u64>,
+    /// idx of the last notification this node itself put on the bus (0: none), whatever
+    /// the bus remembers: a node that gets its own shard back (a Redis restart lost the
+    /// lease and the recorded position) does not publish it again.
+    bridged: u64,
     owner: Option<Owner>,
 }
 
@@ -263,6 +267,7 @@ impl StreamState {
         let start = base
             .or(s.first_positioned)
             .unwrap_or(s.next_idx)
+            .max(s.bridged + 1)
             .min(s.next_idx);
         let first_kept = s.entries.front().map_or(s.next_idx, |e| e.idx);
         let report = Takeover {
@@ -325,9 +330,11 @@ impl StreamState {
 
     /// The publication of `idx` is settled (published, or found on the bus already).
     pub fn done(&mut self, shard: usize, generation: u64, idx: u64) {
-        if let Some(owner) = &mut self.shards[shard].owner {
+        let s = &mut self.shards[shard];
+        if let Some(owner) = &mut s.owner {
             if owner.generation == generation && owner.cursor == idx {
                 owner.cursor += 1;
+                s.bridged = s.bridged.max(idx);
             }
         }
     }
@@ -450,6 +457,20 @@ mod tests {
         a.done(0, job.generation, job.entry.idx);
         push(&mut a, 0, 3);
         assert_eq!(drain(&mut a, 0), ["2", "3"]);
+    }
+
+    #[test]
+    fn a_node_that_gets_its_shard_back_without_a_record_skips_what_it_published() {
+        let mut a = StreamState::new(1, 1 << 20);
+        a.mark("m");
+        push(&mut a, 0, 1);
+        a.take_over(0, Arc::from("t1"), None);
+        assert_eq!(drain(&mut a, 0), ["1"]);
+        a.release(0);
+        push(&mut a, 0, 2);
+        // Redis restarted empty: no record.
+        a.take_over(0, Arc::from("t2"), None);
+        assert_eq!(drain(&mut a, 0), ["2"]);
     }
 
     #[test]
