@@ -236,9 +236,18 @@ pub struct Config {
     #[arg(long, env = "PGFANOUT_PONG_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub pong_timeout: Duration,
 
-    /// How long a client has to send `connect` after the upgrade (3502 past it).
+    /// How long a client has to send `connect` after the upgrade (3502 past it); also how
+    /// long a TCP connection may take to send its HTTP request, or idle between requests,
+    /// before it is closed.
     #[arg(long, env = "PGFANOUT_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+
+    /// Kernel send buffer (SO_SNDBUF) of each client connection in bytes; 0 leaves the
+    /// kernel's autotuning (up to net.ipv4.tcp_wmem's maximum). A cap bounds the kernel
+    /// memory a client that stops reading can pin, and lets the slow-consumer cut (3008)
+    /// come sooner.
+    #[arg(long, env = "PGFANOUT_SEND_BUFFER_BYTES", default_value_t = 0)]
+    pub send_buffer_bytes: u32,
 
     /// TTL of the channel-shard leases (and node heartbeats) in Redis; renewed every third
     /// of it. A dead owner's shards move after at most about this long.
@@ -458,6 +467,15 @@ impl Config {
                 "must be above 0 and below 4 ping intervals",
             ));
         }
+        if self.send_buffer_bytes != 0
+            && !(4096..=64 * 1024 * 1024).contains(&self.send_buffer_bytes)
+        {
+            return Err(invalid(
+                "PGFANOUT_SEND_BUFFER_BYTES",
+                "send-buffer-bytes",
+                "must be 0 (kernel default) or between 4096 and 67108864",
+            ));
+        }
         if self.connect_timeout.is_zero() {
             return Err(invalid(
                 "PGFANOUT_CONNECT_TIMEOUT",
@@ -613,6 +631,14 @@ impl Config {
             audience: non_empty(&self.token_audience),
             issuer: non_empty(&self.token_issuer),
             subject_claim: non_empty(&self.limits_subject_claim),
+        }
+    }
+
+    /// Socket options and request deadline of accepted client connections.
+    pub fn socket_options(&self) -> crate::conn::SocketOptions {
+        crate::conn::SocketOptions {
+            request_timeout: self.connect_timeout,
+            send_buffer: self.send_buffer_bytes,
         }
     }
 

@@ -33,9 +33,10 @@ const WRITE_BUFFER: usize = 8 * 1024;
 /// A peer that does not read cannot make us buffer more than this.
 const MAX_WRITE_BUFFER: usize = 1024 * 1024;
 
-/// The TCP peer of a request, for the client's address.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub std::net::SocketAddr);
+/// The TCP peer of a request, for the client's address, and its connection's request
+/// deadline ([`crate::conn`]).
+#[derive(Debug, Clone)]
+pub struct PeerAddr(pub std::net::SocketAddr, pub crate::conn::Deadline);
 
 impl
     axum::extract::connect_info::Connected<
@@ -45,7 +46,7 @@ impl
     fn connect_info(
         stream: axum::serve::IncomingStream<'_, crate::shutdown::StopAccepting>,
     ) -> Self {
-        Self(*stream.remote_addr())
+        Self(*stream.remote_addr(), stream.io().deadline().clone())
     }
 }
 

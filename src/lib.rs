@@ -14,6 +14,7 @@
 //! - [`limits`]: rate and connection limits per tier and subject, shared in Redis.
 //! - [`demo`]: the live-table demo page at `/demo/` and its table (`PGFANOUT_DEMO`).
 //! - [`http`]: the axum router: WebSocket, `/health`, `/ready`, `/metrics`.
+//! - [`conn`]: accepted TCP connections: socket options and the HTTP request deadline.
 //! - [`health`]: readiness state shared by the subsystems.
 //! - [`metrics`]: every metric, described once, and the Prometheus recorder.
 //! - [`shutdown`]: the drain sequence, the listener that stops accepting, signals.
@@ -29,6 +30,7 @@ pub mod api;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod health;
 pub mod http;
@@ -198,7 +200,9 @@ async fn serve(
         source,
     };
     let listener = shutdown::bind(config.listen).map_err(bind_error)?;
-    let listener = shutdown::StopAccepting::new(listener, drain).map_err(bind_error)?;
+    let listener = shutdown::StopAccepting::new(listener, drain)
+        .map_err(bind_error)?
+        .with_socket_options(config.socket_options());
     tracing::info!(addr = %config.listen, node = config.node_id(), "pgfanout listening");
     let front = http::Front::new(http::starting_router(http::Starting {
         health,
@@ -210,6 +214,7 @@ async fn serve(
         listener,
         front
             .router()
+            .layer(axum::middleware::from_fn(conn::track_requests))
             .into_make_service_with_connect_info::<http::PeerAddr>(),
     )
     .with_graceful_shutdown(stop.clone().cancelled_owned());

@@ -21,11 +21,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::conn::{Conn, SocketOptions};
 use crate::health::Health;
 
 /// Time kept, at most, for the steps after the sessions have closed.
@@ -162,8 +163,8 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// refused at once (a load balancer retries another node), while connections accepted
 /// before are still served. Connections the kernel had already completed (its accept
 /// queue) are taken before the socket closes, so none of them is reset: they are served,
-/// and a WebSocket among them is told to reconnect like the others. Accepted sockets get
-/// `TCP_NODELAY` (small frames, low latency).
+/// and a WebSocket among them is told to reconnect like the others. Accepted sockets become
+/// [`Conn`]s (`TCP_NODELAY`, send buffer, request deadline).
 #[derive(Debug)]
 pub struct StopAccepting {
     inner: Option<TcpListener>,
@@ -171,6 +172,7 @@ pub struct StopAccepting {
     stop: CancellationToken,
     /// Until when queued connections are still taken, once stopped.
     closing_at: Option<Instant>,
+    socket: SocketOptions,
 }
 
 impl StopAccepting {
@@ -182,15 +184,22 @@ impl StopAccepting {
             inner: Some(listener),
             stop,
             closing_at: None,
+            socket: SocketOptions::default(),
         })
+    }
+
+    /// Socket options and request deadline of accepted connections.
+    pub fn with_socket_options(mut self, socket: SocketOptions) -> Self {
+        self.socket = socket;
+        self
     }
 }
 
 impl axum::serve::Listener for StopAccepting {
-    type Io = TcpStream;
+    type Io = Conn;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
         loop {
             let Some(listener) = &self.inner else {
                 return std::future::pending().await;
@@ -217,10 +226,7 @@ impl axum::serve::Listener for StopAccepting {
                     self.inner = None;
                     tracing::info!("listener closed");
                 }
-                Some(Ok((stream, addr))) => {
-                    let _ = stream.set_nodelay(true);
-                    return (stream, addr);
-                }
+                Some(Ok((stream, addr))) => return (Conn::new(stream, self.socket), addr),
                 // Out of file descriptors and the like: the listener itself is fine.
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "accept failed");

@@ -1,6 +1,7 @@
 //! Floods (issue #9, G7): a client sending commands as fast as it can, one opening connections
 //! as fast as it can, one subscribing to 10,000 channels, one sending 10 MB messages, clients that
-//! open the WebSocket and never speak, and a half-open connection that stops reading and writing.
+//! open the WebSocket and never speak (or never even send their HTTP request), and a half-open
+//! connection that stops reading and writing.
 //! Each is limited or cut with its documented code (proto/README.md §6, §7, §10), and a
 //! well-behaved client on the same node receives every notification sent meanwhile, in order.
 //!
@@ -17,6 +18,7 @@ use anyhow::{bail, ensure, Context as _};
 use common::{with_traffic, Client, Cluster, Node};
 use futures_util::{SinkExt as _, Stream, StreamExt as _};
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -399,13 +401,39 @@ async fn clients_that_never_speak_are_closed_as_stale() -> anyhow::Result<()> {
             let (code, _) = client.expect_close(WAIT).await?;
             anyhow::Ok((code, started.elapsed()))
         });
-        futures_util::future::join_all(silent).await
+        // Below the WebSocket: TCP connections that never send their HTTP request, or send
+        // half of its headers, are closed too (else each would hold a socket forever).
+        let below = (0..SILENT).map(|i| async move {
+            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", node.port())).await?;
+            if i % 2 == 1 {
+                tcp.write_all(b"GET /connection/websocket HTTP/1.1\r\nHost: x\r\n")
+                    .await?;
+            }
+            let mut buf = [0u8; 64];
+            // EOF or a reset both mean the node closed it.
+            let _ = tokio::time::timeout(WAIT, tcp.read(&mut buf)).await?;
+            anyhow::Ok(started.elapsed())
+        });
+        let (silent, below) = tokio::join!(
+            futures_util::future::join_all(silent),
+            futures_util::future::join_all(below)
+        );
+        let below: anyhow::Result<Vec<Duration>> = below.into_iter().collect();
+        (silent, below)
     };
-    let (closes, traffic) = with_traffic(&cluster.db, CHANNEL, &mut observer, async {
+    let ((closes, below), traffic) = with_traffic(&cluster.db, CHANNEL, &mut observer, async {
         Ok(flood.await)
     })
     .await?;
     traffic.check_complete()?;
+    let below_slowest = below?.into_iter().max().unwrap_or_default();
+    eprintln!(
+        "{SILENT} TCP connections without an HTTP request closed, the last after {below_slowest:?}"
+    );
+    ensure!(
+        below_slowest < Duration::from_secs(6),
+        "the last TCP connection without a request closed after {below_slowest:?}"
+    );
     let mut slowest = Duration::ZERO;
     for close in closes {
         let (code, after) = close?;

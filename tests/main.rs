@@ -29,3 +29,4 @@ mod redis_backfill;
 mod redis_outage;
 mod sdk_conformance;
 mod sdk_js_resume;
+mod slow_consumers;
