@@ -23,8 +23,15 @@ pub struct Config {
     pub database_url: Option<String>,
 
     /// Redis URL of the bus shared by all nodes. Unset: a single node on an in-memory bus.
+    /// With PGFANOUT_REDIS_CLUSTER: the seed nodes of the Redis Cluster, comma-separated.
     #[arg(long, env = "PGFANOUT_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// PGFANOUT_REDIS_URL names a Redis Cluster (one or more seed nodes): keys go to their
+    /// slot's master, live delivery uses sharded pub/sub (SSUBSCRIBE/SPUBLISH) and follows
+    /// resharding and failover.
+    #[arg(long, env = "PGFANOUT_REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set)]
+    pub redis_cluster: bool,
 
     /// Comma-separated Postgres channels to LISTEN on.
     #[arg(
@@ -428,8 +435,24 @@ impl Config {
                 .map_err(|e| invalid("PGFANOUT_DATABASE_URL", "database-url", e.to_string()))?;
         }
         if let Some(url) = &self.redis_url {
-            redis::Client::open(url.as_str())
-                .map_err(|e| invalid("PGFANOUT_REDIS_URL", "redis-url", e.to_string()))?;
+            let urls = if self.redis_cluster {
+                crate::bus::connection::seeds(url)
+            } else {
+                vec![url.clone()]
+            };
+            if urls.is_empty() {
+                return Err(invalid("PGFANOUT_REDIS_URL", "redis-url", "no seed URL"));
+            }
+            for url in urls {
+                redis::Client::open(url.as_str())
+                    .map_err(|e| invalid("PGFANOUT_REDIS_URL", "redis-url", e.to_string()))?;
+            }
+        } else if self.redis_cluster {
+            return Err(invalid(
+                "PGFANOUT_REDIS_CLUSTER",
+                "redis-cluster",
+                "needs PGFANOUT_REDIS_URL (the seed nodes)",
+            ));
         }
         if !(256..=16 * 1024 * 1024).contains(&self.max_frame_bytes) {
             return Err(invalid(

@@ -295,10 +295,16 @@ async fn connect_bus(
             background.cancel.clone(),
         ));
     };
+    let seeds = bus::connection::seeds(url);
     let mut delay = Duration::from_millis(200);
     loop {
-        let connected = Bus::redis(
-            url,
+        let target = if config.redis_cluster {
+            bus::redis::Target::Cluster(&seeds)
+        } else {
+            bus::redis::Target::Single(url)
+        };
+        let connected = Bus::redis_at(
+            target,
             hub.clone(),
             history.clone(),
             &background.tracker,

@@ -40,6 +40,7 @@ pub const MESSAGES_REPLAYED: &str = "pgfanout_messages_replayed_total";
 pub const GAPS_REPAIRED: &str = "pgfanout_gaps_repaired_total";
 pub const GAPS_UNREPAIRED: &str = "pgfanout_gaps_unrepaired_total";
 pub const REDIS_RESUBSCRIPTIONS: &str = "pgfanout_redis_resubscriptions_total";
+pub const REDIS_TOPOLOGY_CHANGES: &str = "pgfanout_redis_topology_changes_total";
 pub const MESSAGES_WRITTEN: &str = "pgfanout_messages_written_total";
 pub const CLIENT_QUEUE_DEPTH: &str = "pgfanout_client_queue_depth";
 pub const DELIVERY_LATENCY: &str = "pgfanout_delivery_latency_seconds";
@@ -179,6 +180,10 @@ fn describe() {
         "Times the Redis subscriber connection was re-established and every channel resubscribed"
     );
     describe_counter!(
+        REDIS_TOPOLOGY_CHANGES,
+        "Redis Cluster slot map changes (resharding, failover) after which the subscriptions moved"
+    );
+    describe_counter!(
         MESSAGES_WRITTEN,
         "Publications written to client sockets (messages out)"
     );
@@ -255,6 +260,7 @@ pub fn register() {
     metrics::counter!(POSTGRES_RECONNECTS).absolute(0);
     metrics::counter!(REDIS_RECONNECTS).absolute(0);
     metrics::counter!(REDIS_RESUBSCRIPTIONS).absolute(0);
+    metrics::counter!(REDIS_TOPOLOGY_CHANGES).absolute(0);
     metrics::gauge!(BRIDGE_OWNER).set(0.0);
     metrics::gauge!(INGEST_SHARDS_OWNED).set(0.0);
     metrics::counter!(INGEST_TAKEOVERS).absolute(0);

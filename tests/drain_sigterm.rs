@@ -32,7 +32,7 @@ async fn sigterm_turns_unready_stops_accepting_spreads_reconnects_and_exits_zero
     let port = cluster.node().port();
     let redis = cluster.redis.as_ref().expect("cluster has redis");
     let leases = (0..16)
-        .map(|shard| format!("pgfanout:ingest:lease:{shard}"))
+        .map(|shard| format!("pgfanout:{{ingest}}:lease:{shard}"))
         .collect::<Vec<_>>()
         .join(" ");
     assert_eq!(

@@ -199,7 +199,7 @@ async fn owner_of(cluster: &Cluster, shard: usize) -> anyhow::Result<usize> {
     let redis = cluster.redis.as_ref().context("redis")?;
     common::eventually(Duration::from_secs(10), "a lease holder", || async {
         let reply = redis
-            .command(&format!("GET pgfanout:ingest:lease:{shard}"))
+            .command(&format!("GET pgfanout:{{ingest}}:lease:{shard}"))
             .map_err(|e| e.to_string())?;
         cluster
             .nodes

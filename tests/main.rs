@@ -26,6 +26,7 @@ mod protocol;
 mod recovery;
 mod recovery_history;
 mod redis_backfill;
+mod redis_cluster;
 mod redis_outage;
 mod sdk_conformance;
 mod sdk_js_resume;

@@ -2,12 +2,16 @@
 //! channel's history and epoch, and delivers publications to the local hub in bus order.
 //!
 //! Two implementations with the same semantics: Redis (one atomic script per publication,
-//! one pub/sub subscription per locally live channel) and in-memory (a single node).
+//! one pub/sub subscription per locally live channel; one Redis or a Redis Cluster with
+//! sharded pub/sub, see `cluster`) and in-memory (a single node).
 
+pub mod cluster;
+pub mod connection;
 pub mod cursor;
 pub mod history;
 pub mod memory;
 pub mod redis;
+pub mod slot;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -285,6 +289,22 @@ impl Bus {
         let bus = memory::MemoryBus::new(hub, history);
         tracker.spawn(bus.clone().maintain(cancel));
         Self::Memory(bus)
+    }
+
+    /// The Redis bus on one Redis or a Redis Cluster, with its tasks owned by `tracker`.
+    ///
+    /// # Errors
+    /// Redis unreachable or a URL invalid.
+    pub async fn redis_at(
+        target: redis::Target<'_>,
+        hub: Arc<crate::hub::Hub>,
+        history: Arc<HistoryPolicy>,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<Self, BusError> {
+        Ok(Self::Redis(
+            redis::RedisBus::connect_to(target, hub, history, tracker, cancel).await?,
+        ))
     }
 
     /// The Redis bus, with its subscriber and health tasks owned by `tracker`.

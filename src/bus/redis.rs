@@ -5,7 +5,8 @@
 //! fill holes in a channel's stream from history (`run_repairs`) before delivering to the hub.
 //!
 //! Keys of a channel share the hash tag `{channel}` so Redis Cluster keeps them on one
-//! slot. Publications travel on pub/sub as `"<offset> <epoch> t<micros> <json>"` (the
+//! slot; on a Cluster (`connect_cluster`) publications use sharded pub/sub and the
+//! subscriber follows the topology (see `cluster`). Publications travel on pub/sub as `"<offset> <epoch> t<micros> <json>"` (the
 //! timestamp is optional: see `split_timestamp`).
 
 use std::collections::HashSet;
@@ -20,6 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::cluster::{self, ClusterPubSub, PubSub};
+use super::connection::{ClusterCommands, RedisConnection};
 use super::cursor::Cursors;
 use super::{
     assemble_recovery, new_epoch, BusError, HistoryPolicy, HistoryRead, Position, Publication,
@@ -69,18 +72,30 @@ pub struct RedisBus {
 
 struct Inner {
     history: Arc<HistoryPolicy>,
-    commands: ConnectionManager,
+    commands: RedisConnection,
     subscriptions: mpsc::Sender<SubscriptionChange>,
     up: AtomicBool,
     /// This node's place in every locally live channel, fed by the subscriber connection.
     cursors: Arc<Cursors>,
     publish: Script,
     recover: Script,
+    /// The first step of a fenced publication on a Cluster (`fence.lua`).
+    fence: Script,
+    /// The fence record written after a publication on a Cluster.
+    record: Script,
 }
 
 enum SubscriptionChange {
     Watch(Arc<str>, oneshot::Sender<Result<(), String>>),
     Unwatch(Arc<str>),
+}
+
+/// Where the bus lives.
+pub enum Target<'a> {
+    /// One Redis, by URL.
+    Single(&'a str),
+    /// A Redis Cluster, by its seed URLs.
+    Cluster(&'a [String]),
 }
 
 impl RedisBus {
@@ -96,6 +111,80 @@ impl RedisBus {
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<Self, BusError> {
+        Self::connect_to(Target::Single(url), hub, history, tracker, cancel).await
+    }
+
+    /// Like [`RedisBus::connect`], on one Redis or on a Redis Cluster.
+    ///
+    /// # Errors
+    /// Redis unreachable or a URL invalid.
+    pub async fn connect_to(
+        target: Target<'_>,
+        hub: Arc<Hub>,
+        history: Arc<HistoryPolicy>,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<Self, BusError> {
+        let (repairs_tx, repairs) = mpsc::channel(REPAIR_QUEUE);
+        let cursors = Arc::new(Cursors::new(hub.clone(), repairs_tx));
+        let push_cursors = cursors.clone();
+        let push = move |push: PushInfo| {
+            on_push(&push_cursors, push);
+            Ok::<(), redis::aio::SendError>(())
+        };
+        let (commands, pubsub) = match target {
+            Target::Single(url) => {
+                let (commands, pubsub) = connect_single(url, push).await?;
+                (RedisConnection::Single(commands), PubSub::Single(pubsub))
+            }
+            Target::Cluster(seeds) => {
+                let commands = ClusterCommands::connect(seeds).await?;
+                let pubsub = ClusterPubSub::connect(seeds, push).await?;
+                (
+                    RedisConnection::Cluster(commands),
+                    PubSub::Cluster(Box::new(pubsub)),
+                )
+            }
+        };
+        let health_pubsub = match &pubsub {
+            PubSub::Single(conn) => Some(conn.clone()),
+            PubSub::Cluster(_) => None,
+        };
+
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
+        let bus = Self {
+            inner: Arc::new(Inner {
+                history,
+                commands,
+                subscriptions: tx,
+                up: AtomicBool::new(true),
+                cursors,
+                publish: Script::new(include_str!("publish.lua")),
+                recover: Script::new(include_str!("recover.lua")),
+                fence: Script::new(include_str!("fence.lua")),
+                record: Script::new(cluster::WRITE_RECORD),
+            }),
+        };
+        tracker.spawn(run_subscriber(
+            pubsub,
+            bus.inner.commands.clone(),
+            hub,
+            bus.inner.cursors.clone(),
+            rx,
+            cancel.clone(),
+        ));
+        tracker.spawn(run_repairs(bus.clone(), repairs, cancel.clone()));
+        tracker.spawn(bus.clone().check_health(health_pubsub, cancel));
+        Ok(bus)
+    }
+}
+
+/// The command and subscriber connections to one Redis; pushes of the subscriber go to `push`.
+async fn connect_single(
+    url: &str,
+    push: impl redis::aio::AsyncPushSender,
+) -> Result<(ConnectionManager, ConnectionManager), BusError> {
+    {
         let client = redis::Client::open(url)?;
         let manager_config = || {
             ConnectionManagerConfig::new()
@@ -113,49 +202,24 @@ impl RedisBus {
             .clone()
             .set_protocol(redis::ProtocolVersion::RESP3);
         let resp3 = redis::Client::open(info.set_redis_settings(settings))?;
-        let (repairs_tx, repairs) = mpsc::channel(REPAIR_QUEUE);
-        let cursors = Arc::new(Cursors::new(hub.clone(), repairs_tx));
-        let push_cursors = cursors.clone();
         let pubsub_config = manager_config()
             .set_automatic_resubscription()
-            .set_push_sender(move |push: PushInfo| {
-                on_push(&push_cursors, push);
-                Ok::<(), redis::aio::SendError>(())
-            });
+            .set_push_sender(push);
         let pubsub = resp3
             .get_connection_manager_with_config(pubsub_config)
             .await?;
-
-        let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
-        let bus = Self {
-            inner: Arc::new(Inner {
-                history,
-                commands,
-                subscriptions: tx,
-                up: AtomicBool::new(true),
-                cursors,
-                publish: Script::new(include_str!("publish.lua")),
-                recover: Script::new(include_str!("recover.lua")),
-            }),
-        };
-        tracker.spawn(run_subscriber(
-            pubsub.clone(),
-            hub,
-            bus.inner.cursors.clone(),
-            rx,
-            cancel.clone(),
-        ));
-        tracker.spawn(run_repairs(bus.clone(), repairs, cancel.clone()));
-        tracker.spawn(bus.clone().check_health(pubsub, cancel));
-        Ok(bus)
+        Ok((commands, pubsub))
     }
+}
 
+impl RedisBus {
     pub fn is_up(&self) -> bool {
         self.inner.up.load(Ordering::Relaxed)
     }
 
-    /// A clone of the command connection, for other users of Redis on this node (leases, limits).
-    pub fn connection(&self) -> ConnectionManager {
+    /// A clone of the command connection, for other users of Redis on this node (leases,
+    /// limits): on a Cluster, their scripts and pipelines must keep to one slot each.
+    pub fn connection(&self) -> RedisConnection {
         self.inner.commands.clone()
     }
 
@@ -168,15 +232,36 @@ impl RedisBus {
         let meta_ttl = self.inner.history.meta_ttl;
         let meta = keys::meta(req.channel);
         let dedupe = req.idempotency_key.map(|k| keys::dedupe(req.channel, k));
-        let lease = req.fence.map(|f| f.key.as_str());
+        let cluster = self.inner.commands.is_cluster();
         let record = req.fence.and_then(|f| f.record.as_ref());
+        // On a Cluster the lease (and the fence record) live in other slots than the
+        // channel: the lease is checked first, in its own slot (see `cluster`).
+        let mut deadline = 0;
+        if let (true, Some(fence)) = (cluster, req.fence) {
+            let mut conn = self.inner.commands.clone();
+            match cluster::fence_deadline(&mut conn, &self.inner.fence, fence).await? {
+                Some(until) => deadline = until,
+                None => return Ok(PublishOutcome::Fenced),
+            }
+        }
+        // There the record's "already published" check becomes a dedupe key named after
+        // it, in the channel's slot (atomic with the publication), and the record itself is
+        // written after the publication (`cluster::write_record`).
+        let dedupe = match record {
+            Some(r) if cluster => {
+                Some(keys::dedupe(req.channel, &format!("{}={}", r.key, r.value)))
+            }
+            _ => dedupe,
+        };
+        let lease = req.fence.filter(|_| !cluster).map(|f| f.key.as_str());
+        let in_script_record = record.filter(|_| !cluster);
         let mut invocation = self.inner.publish.prepare_invoke();
         invocation
             .key(&meta)
             .key(keys::history(req.channel))
             .key(dedupe.as_deref().unwrap_or(&meta))
             .key(lease.unwrap_or(&meta))
-            .key(record.map_or(meta.as_str(), |r| r.key.as_str()))
+            .key(in_script_record.map_or(meta.as_str(), |r| r.key.as_str()))
             .arg(&req.data[..])
             .arg(h.size)
             .arg(ttl_secs(h.ttl))
@@ -188,12 +273,23 @@ impl RedisBus {
             } else {
                 0
             })
-            .arg(req.fence.map_or("", |f| f.token.as_str()))
+            .arg(
+                req.fence
+                    .filter(|_| !cluster)
+                    .map_or("", |f| f.token.as_str()),
+            )
             .arg(super::now_micros())
-            .arg(record.map_or("", |r| r.value.as_str()));
+            .arg(in_script_record.map_or("", |r| r.value.as_str()))
+            .arg(deadline)
+            .arg(if cluster { "SPUBLISH" } else { "PUBLISH" });
         let mut conn = self.inner.commands.clone();
         let (status, offset, epoch): (i64, u64, String) =
             invocation.invoke_async(&mut conn).await?;
+        if let (true, Some(fence), Some(record), 1 | 2) = (cluster, req.fence, record, status) {
+            // An error here makes the caller retry: the dedupe key answers "duplicate",
+            // and the record is written then.
+            cluster::write_record(&mut conn, &self.inner.record, fence, record).await?;
+        }
         match status {
             1 => Ok(PublishOutcome::Published { offset, epoch }),
             2 => Ok(PublishOutcome::Duplicate { offset }),
@@ -268,16 +364,18 @@ impl RedisBus {
     }
 
     /// Pings both connections every second; `up` is true while both answer.
-    async fn check_health(self, mut pubsub: ConnectionManager, cancel: CancellationToken) {
+    /// (On a Cluster, the command connection only: a PING goes to a random node, and the
+    /// subscriber connection keeps its own per-shard connections up.)
+    async fn check_health(self, pubsub: Option<ConnectionManager>, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(HEALTH_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut commands = self.inner.commands.clone();
+        let commands = self.inner.commands.clone();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let ping = |conn: &mut ConnectionManager| {
+            let ping = |conn: &RedisConnection| {
                 let mut conn = conn.clone();
                 async move {
                     tokio::time::timeout(
@@ -288,7 +386,10 @@ impl RedisBus {
                     .is_ok_and(|r| r.is_ok())
                 }
             };
-            let up = ping(&mut commands).await && ping(&mut pubsub).await;
+            let mut up = ping(&commands).await;
+            if let Some(pubsub) = &pubsub {
+                up = up && ping(&RedisConnection::Single(pubsub.clone())).await;
+            }
             let was_up = self.inner.up.swap(up, Ordering::Relaxed);
             match (was_up, up) {
                 (true, false) => tracing::warn!("redis unreachable"),
@@ -311,7 +412,7 @@ fn ttl_secs(d: Duration) -> u64 {
 /// the sessions; subscription confirmations after a reconnect start the catch-up.
 fn on_push(cursors: &Cursors, push: PushInfo) {
     match push.kind {
-        PushKind::Message => {
+        PushKind::Message | PushKind::SMessage => {
             if let Some(publication) = parse_message(push.data) {
                 cursors.publication(publication);
             } else {
@@ -319,7 +420,7 @@ fn on_push(cursors: &Cursors, push: PushInfo) {
                     .increment(1);
             }
         }
-        PushKind::Subscribe => {
+        PushKind::Subscribe | PushKind::SSubscribe => {
             if let Some(Value::BulkString(name)) = push.data.first() {
                 if let Some(channel) = keys::channel_of_pubsub(name) {
                     cursors.subscribed(channel);
@@ -449,16 +550,21 @@ fn parse_stream_entry(item: Value) -> Option<(u64, Bytes)> {
     }
 }
 
-/// Owns the subscriber connection's subscription set: one SUBSCRIBE per channel with
-/// local interest, changes applied in order and in batches.
+/// Owns the subscriber connection's subscription set: one SUBSCRIBE (SSUBSCRIBE on a
+/// Cluster) per channel with local interest, changes applied in order and in batches. On a
+/// Cluster it also watches the slot map and moves every subscription when it changes.
 async fn run_subscriber(
-    mut pubsub: ConnectionManager,
+    mut pubsub: PubSub,
+    mut commands: RedisConnection,
     hub: Arc<Hub>,
     cursors: Arc<Cursors>,
     mut changes: mpsc::Receiver<SubscriptionChange>,
     cancel: CancellationToken,
 ) {
     let mut subscribed: HashSet<Arc<str>> = HashSet::new();
+    let mut topology_tick = tokio::time::interval(cluster::TOPOLOGY_PERIOD);
+    topology_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut topology = None;
     loop {
         let first = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -466,6 +572,10 @@ async fn run_subscriber(
                 Some(c) => c,
                 None => return,
             },
+            _ = topology_tick.tick(), if commands.is_cluster() => {
+                follow_topology(&mut pubsub, &mut commands, &mut topology, &subscribed).await;
+                continue;
+            }
         };
         let mut batch = vec![first];
         while batch.len() < SUBSCRIPTION_BATCH {
@@ -521,6 +631,52 @@ async fn run_subscriber(
             }
         }
     }
+}
+
+/// One round of the Cluster topology watch: when the slot map differs from the last one seen
+/// (resharding, failover), both connections are replaced and every channel is subscribed
+/// again on its slot's current master; each confirmation makes the channel's cursor read
+/// what it missed from history.
+async fn follow_topology(
+    pubsub: &mut PubSub,
+    commands: &mut RedisConnection,
+    last: &mut Option<Vec<(i64, i64, String)>>,
+    subscribed: &HashSet<Arc<str>>,
+) {
+    let now = match cluster::topology(commands).await {
+        Ok(now) => now,
+        Err(e) => {
+            tracing::debug!(error = %e, "reading the cluster slot map failed");
+            return;
+        }
+    };
+    if last.as_ref().is_none_or(|last| *last == now) {
+        *last = Some(now);
+        return;
+    }
+    tracing::info!(masters = ?now, "redis cluster topology changed; moving subscriptions");
+    metrics::counter!(m::REDIS_TOPOLOGY_CHANGES).increment(1);
+    if let RedisConnection::Cluster(cluster) = commands {
+        if let Err(e) = cluster.replace().await {
+            tracing::warn!(error = %e, "replacing the cluster command connection failed");
+        }
+    }
+    let PubSub::Cluster(cluster) = pubsub else {
+        return;
+    };
+    if let Err(e) = cluster.replace().await {
+        // Kept as `last` unchanged: the next round tries again.
+        tracing::warn!(error = %e, "replacing the cluster subscriber connection failed");
+        return;
+    }
+    let names: Vec<String> = subscribed.iter().map(|c| keys::pubsub(c)).collect();
+    if !names.is_empty() {
+        if let Err(e) = pubsub.subscribe(names).await {
+            tracing::warn!(error = %e, "resubscribing after a topology change failed; retrying");
+            return;
+        }
+    }
+    *last = Some(now);
 }
 
 #[cfg(test)]

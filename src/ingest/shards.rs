@@ -17,12 +17,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::Script;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::stream::{Position, StreamState};
+use crate::bus::connection::RedisConnection;
 use crate::bus::{Bus, Fence, FenceRecord, PublishOutcome, PublishRequest, Source};
 use crate::metrics as m;
 
@@ -30,16 +30,18 @@ use crate::metrics as m;
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Redis keys of the shard leases.
+/// Redis keys of the shard leases. They share the hash tag `{ingest}`: one slot on a Redis
+/// Cluster, so the claim script (every lease and the live set at once) and the position
+/// read (`MGET`) stay in one slot.
 pub mod keys {
     /// Sorted set: node instance → heartbeat expiry (ms, Redis clock).
-    pub const NODES: &str = "pgfanout:ingest:nodes";
+    pub const NODES: &str = "pgfanout:{ingest}:nodes";
     pub fn lease(shard: usize) -> String {
-        format!("pgfanout:ingest:lease:{shard}")
+        format!("pgfanout:{{ingest}}:lease:{shard}")
     }
     /// The stream position of the last notification of the shard on the bus.
     pub fn position(shard: usize) -> String {
-        format!("pgfanout:ingest:pos:{shard}")
+        format!("pgfanout:{{ingest}}:pos:{shard}")
     }
 }
 
@@ -140,7 +142,7 @@ pub struct Barrier {
 
 /// Keeps this node's share of shard leases and takes shards over.
 pub struct Leases {
-    pub conn: ConnectionManager,
+    pub conn: RedisConnection,
     /// Unique per process: a restarted node never mistakes its predecessor's leases.
     pub instance: String,
     pub ttl: Duration,

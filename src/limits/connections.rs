@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::Script;
+
+use crate::bus::connection::RedisConnection;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -60,7 +61,7 @@ impl Drop for ConnectionGuard {
 
 /// The node's connection slots.
 pub struct Connections {
-    redis: Option<ConnectionManager>,
+    redis: Option<RedisConnection>,
     node_id: String,
     next: AtomicU64,
     acquire: Script,
@@ -75,7 +76,7 @@ pub struct Connections {
 }
 
 impl Connections {
-    pub fn new(redis: Option<ConnectionManager>, node_id: &str) -> Self {
+    pub fn new(redis: Option<RedisConnection>, node_id: &str) -> Self {
         let (tx, rx) = mpsc::channel(REMOVALS);
         Self {
             redis,
@@ -178,13 +179,16 @@ impl Connections {
                             Err(_) => break,
                         }
                     }
-                    let mut pipe = redis::pipe();
-                    for (key, member) in &batch {
-                        pipe.cmd("ZREM").arg(key).arg(member).ignore();
-                    }
-                    let mut conn = redis.clone();
-                    if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-                        tracing::debug!(error = %e, "removing connection leases failed; they lapse");
+                    // One pipeline per slot: a Cluster refuses pipelines across slots.
+                    for group in redis.group_by_slot(batch, |(key, _)| key) {
+                        let mut pipe = redis::pipe();
+                        for (key, member) in &group {
+                            pipe.cmd("ZREM").arg(key).arg(member).ignore();
+                        }
+                        let mut conn = redis.clone();
+                        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                            tracing::debug!(error = %e, "removing connection leases failed; they lapse");
+                        }
                     }
                 }
                 _ = renew.tick() => self.renew(&redis).await,
@@ -192,7 +196,7 @@ impl Connections {
         }
     }
 
-    async fn renew(&self, redis: &ConnectionManager) {
+    async fn renew(&self, redis: &RedisConnection) {
         let live: Vec<(String, String)> = match self.live.lock() {
             Ok(live) => live.iter().map(|(m, k)| (m.clone(), k.clone())).collect(),
             Err(_) => return,
@@ -213,21 +217,25 @@ impl Connections {
         // removed); after Redis was unreachable they are written again, since Redis may
         // have lost them.
         let resync = self.resync.swap(false, Ordering::Relaxed);
-        let mut pipe = redis::pipe();
-        for (member, key) in &live {
-            let cmd = pipe.cmd("ZADD").arg(key);
-            if !resync {
-                cmd.arg("XX");
+        // One pipeline per slot on a Cluster (there, TIME above came from a random master:
+        // the masters' clocks must agree to well inside the lease, as NTP gives).
+        for group in redis.group_by_slot(live, |(_, key)| key) {
+            let mut pipe = redis::pipe();
+            for (member, key) in &group {
+                let cmd = pipe.cmd("ZADD").arg(key);
+                if !resync {
+                    cmd.arg("XX");
+                }
+                cmd.arg(expiry).arg(member).ignore();
+                pipe.cmd("PEXPIRE")
+                    .arg(key)
+                    .arg(2 * LEASE.as_millis() as u64)
+                    .ignore();
             }
-            cmd.arg(expiry).arg(member).ignore();
-            pipe.cmd("PEXPIRE")
-                .arg(key)
-                .arg(2 * LEASE.as_millis() as u64)
-                .ignore();
-        }
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-            tracing::debug!(error = %e, "renewing connection leases failed");
-            self.resync_later();
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                tracing::debug!(error = %e, "renewing connection leases failed");
+                self.resync_later();
+            }
         }
     }
 }

@@ -5,6 +5,8 @@
 //!   panic.
 //! - [`redis`]: [`RedisServer`], a private `redis-server` child on a free port, stoppable for
 //!   faults.
+//! - [`redis_cluster`]: [`RedisCluster`], a local Redis Cluster (3 masters, optional replicas) of
+//!   real `redis-server` processes, created with `redis-cli --cluster create`.
 //! - [`node`]: [`Node`], the built `pgfanout` binary as a child process, with its log kept on disk.
 //! - [`cluster`]: [`Cluster`], one database + one Redis + N nodes, and "wait until it bridges".
 //! - [`client`]: [`Client`], a small Centrifugo-protocol (v2, JSON) WebSocket client with timeouts.
@@ -30,6 +32,7 @@ pub mod http;
 pub mod node;
 pub mod postgres;
 pub mod redis;
+pub mod redis_cluster;
 pub mod script;
 pub mod sdk;
 pub mod tokens;
@@ -46,6 +49,7 @@ pub use http::KeepAlive;
 pub use node::{Node, NodeBuilder};
 pub use postgres::TestDb;
 pub use redis::RedisServer;
+pub use redis_cluster::RedisCluster;
 pub use script::Script;
 pub use sdk::{Sdk, SdkDriver};
 pub use traffic::{with_traffic, Traffic};
