@@ -36,7 +36,8 @@ async fn publish(client: &mut Client, n: u64) -> anyhow::Result<()> {
 
 /// Runs the node's publish script (src/bus/publish.lua) on `channel` without its `PUBLISH`:
 /// the publication gets its offset and its place in history, but its pub/sub message is lost
-/// on the way to every node. Returns its offset.
+/// on the way to every node. Returns its offset. The keys and arguments follow the script's
+/// header (no dedupe, no fence: the unused keys are the meta key again).
 async fn publish_without_pubsub(
     redis: &RedisServer,
     channel: &str,
@@ -58,6 +59,7 @@ async fn publish_without_pubsub(
         .key(format!("pgfanout:{{{channel}}}:history"))
         .key(&meta)
         .key(&meta)
+        .key(&meta)
         .arg(data.to_string())
         .arg(history_size)
         .arg(300)
@@ -67,6 +69,7 @@ async fn publish_without_pubsub(
         .arg(0)
         .arg("")
         .arg(0)
+        .arg("")
         .invoke_async(&mut conn)
         .await?;
     ensure!(status == 1, "publish script answered {status}");
