@@ -35,10 +35,18 @@ impl RedisCluster {
     /// # Panics
     /// When a server does not start or the cluster does not form; the message says why.
     pub async fn start(masters: usize, replicas: usize) -> RedisCluster {
-        match Self::try_start(masters, replicas).await {
-            Ok(cluster) => cluster,
-            Err(err) => panic!("redis cluster did not form: {err:#}"),
+        let mut last = None;
+        // A free port can be taken by a parallel test between probing and binding: retry.
+        for _ in 0..3 {
+            match Self::try_start(masters, replicas).await {
+                Ok(cluster) => return cluster,
+                Err(err) => last = Some(err),
+            }
         }
+        panic!(
+            "redis cluster did not form: {:#}",
+            last.expect("three attempts")
+        );
     }
 
     async fn try_start(masters: usize, replicas: usize) -> anyhow::Result<RedisCluster> {
@@ -48,9 +56,10 @@ impl RedisCluster {
         let mut cluster = RedisCluster {
             members: Vec::new(),
         };
-        for index in 0..masters * (1 + replicas) {
-            let port = super::free_port();
-            let bus_port = super::free_port();
+        let members = masters * (1 + replicas);
+        let ports = distinct_free_ports(2 * members)?;
+        for index in 0..members {
+            let (port, bus_port) = (ports[2 * index], ports[2 * index + 1]);
             let log_path = log_dir.join(format!("{tag}-{index}-{port}.log"));
             let log = std::fs::File::create(&log_path)?;
             let child = Command::new("redis-server")
@@ -64,6 +73,9 @@ impl RedisCluster {
                 ])
                 .args(["--cluster-node-timeout", "1000"])
                 .args(["--cluster-require-full-coverage", "no"])
+                // A replica may take over however long it was cut off (a loaded test
+                // machine delays replication; the test kills masters on purpose).
+                .args(["--cluster-replica-validity-factor", "0"])
                 .args(["--dir", &log_dir.to_string_lossy()])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
@@ -75,6 +87,19 @@ impl RedisCluster {
                 child: Some(child),
                 log_path,
             });
+        }
+        for member in &mut cluster.members {
+            if let Some(status) = member
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "redis-server on {} exited: {status}\n{}",
+                    member.port,
+                    super::tail_of_file(&member.log_path, 20)
+                );
+            }
         }
         for member in &cluster.members {
             super::eventually(Duration::from_secs(10), "redis-server PING", || async {
@@ -112,7 +137,7 @@ impl RedisCluster {
     }
 
     /// Waits until every running member says `cluster_state:ok` and sees `masters` masters
-    /// serving slots.
+    /// serving slots, and every replica is in sync with its master.
     pub async fn wait_healthy(&self, masters: usize) -> anyhow::Result<()> {
         super::eventually(FORM_TIMEOUT, "cluster_state:ok everywhere", || async {
             for member in self.members.iter().filter(|m| m.child.is_some()) {
@@ -132,6 +157,14 @@ impl RedisCluster {
                     .map_err(|e| format!("{e:#}"))?;
                 if seen.len() != masters {
                     return Err(format!("{} sees masters {seen:?}", member.port));
+                }
+                let replication = cli(member.port, &["INFO", "replication"])
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                if replication.contains("role:slave")
+                    && !replication.contains("master_link_status:up")
+                {
+                    return Err(format!("replica {} not in sync yet", member.port));
                 }
             }
             Ok(())
@@ -230,6 +263,18 @@ impl RedisCluster {
             }
         }
     }
+}
+
+/// `n` different ports that were free a moment ago (the listeners are held until all are
+/// picked, so no two members get the same one).
+fn distinct_free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<Vec<_>, _>>()?)
 }
 
 /// Whether a `CLUSTER NODES` line lists `slot` among its ranges.
