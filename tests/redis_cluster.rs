@@ -530,3 +530,100 @@ async fn delivery_resumes_after_a_master_dies_and_its_replica_takes_over() -> an
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_limits_hold_across_nodes_on_the_cluster() -> anyhow::Result<()> {
+    use common::tokens::{self, hs256, SECRET};
+    let redis = RedisCluster::start(3, 0).await;
+    let tag = &common::random_tag()[..6];
+    let mut nodes = Vec::new();
+    for index in 0..3 {
+        nodes.push(
+            Node::builder()
+                .node_id(format!("l{index}-{tag}"))
+                .env("PGFANOUT_REDIS_URL", &redis.seeds())
+                .env("PGFANOUT_REDIS_CLUSTER", "true")
+                .env("PGFANOUT_ALLOW_ANONYMOUS", "false")
+                .env("PGFANOUT_TOKEN_HMAC_SECRET_KEY", SECRET)
+                .env("PGFANOUT_LIMITS_ABUSE_THRESHOLD", "0")
+                .env("PGFANOUT_LIMIT_CONNECTIONS_PER_USER", "5")
+                .env("PGFANOUT_LIMIT_SUBSCRIBE_PER_SECOND", "10")
+                .start()
+                .await,
+        );
+    }
+    let token = |user: &str| hs256(&tokens::user(user, 600, &["*"], &["*"]));
+
+    // Connections per user: five anywhere, the sixth refused on every node. Users whose
+    // keys live in other slots are counted apart (and released in per-slot pipelines).
+    let mut open = Vec::new();
+    for i in 0..5 {
+        open.push(Client::connect_with_token(&nodes[i % 3].ws_url(), &token("five")).await?);
+    }
+    let mut others = Vec::new();
+    for (i, user) in ["u-a", "u-b", "u-c", "u-d"].iter().enumerate() {
+        others.push(Client::connect_with_token(&nodes[i % 3].ws_url(), &token(user)).await?);
+    }
+    for node in &nodes {
+        let mut sixth = Client::open(&node.ws_url()).await?;
+        sixth
+            .send_json(&json!({"id": 1, "connect": {"token": token("five")}}))
+            .await?;
+        let (code, _) = sixth.expect_close(Duration::from_secs(10)).await?;
+        ensure!(
+            code == 3504,
+            "sixth connection on {} closed with {code}",
+            node.id()
+        );
+    }
+    for client in others {
+        client.close().await;
+    }
+    open.pop().context("five open")?.close().await;
+    common::eventually(
+        Duration::from_secs(10),
+        "a connection after one closed",
+        || async {
+            Client::connect_with_token(&nodes[2].ws_url(), &token("five"))
+                .await
+                .map_err(|e| format!("{e:#}"))
+        },
+    )
+    .await?;
+
+    // Subscribes: at most 10 per second across the three nodes together.
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(Client::connect_with_token(&node.ws_url(), &token("spreader")).await?);
+    }
+    let started = Instant::now();
+    for (n, client) in clients.iter_mut().enumerate() {
+        let frame: Vec<String> = (0..60)
+            .filter(|i| i % 3 == n)
+            .map(|i| json!({"id": 100 + i, "subscribe": {"channel": format!("c{i}")}}).to_string())
+            .collect();
+        client.send_raw(&frame.join("\n")).await?;
+    }
+    let mut accepted = 0;
+    for (n, client) in clients.iter_mut().enumerate() {
+        for i in (0..60u64).filter(|i| i % 3 == n as u64) {
+            if client.next_reply(100 + i).await?.get("error").is_none() {
+                accepted += 1;
+            }
+        }
+    }
+    let spans = 1 + started.elapsed().as_secs() as usize;
+    ensure!(
+        (1..=10 * spans).contains(&accepted),
+        "{accepted} subscribes accepted across the nodes in {spans} s"
+    );
+    let mut shared = 0.0;
+    for node in &nodes {
+        shared += node
+            .metric_where("pgfanout_rate_limit_decisions_total", "scope=\"shared\"")
+            .await?;
+    }
+    ensure!(shared >= 60.0, "decisions made in Redis: {shared}");
+    println!("limits on the cluster: 5 connections per user held; {accepted} of 60 subscribes accepted in {spans} s (limit 10/s), {shared} shared decisions");
+    Ok(())
+}
