@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::bus::history::{ChannelHistory, HistoryPolicy, HistoryRule};
 use crate::protocol;
@@ -13,6 +13,9 @@ use crate::protocol;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "pgfanout", version, about, long_about = None)]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address the HTTP and WebSocket server listens on.
     #[arg(long, env = "PGFANOUT_LISTEN", default_value = "0.0.0.0:8000")]
     pub listen: SocketAddr,
@@ -271,6 +274,26 @@ pub struct Config {
     #[arg(long, env = "PGFANOUT_INGEST_BUFFER_BYTES", default_value_t = 4 << 20)]
     pub ingest_buffer_bytes: usize,
 
+    /// Install or upgrade the `pgfanout` schema (outbox, `pgfanout.publish`,
+    /// `pgfanout.track_table`) at start. Off: the schema must be there already for the
+    /// outbox to run (`pgfanout migrate`); a newer schema than this binary's is refused
+    /// either way.
+    #[arg(long, env = "PGFANOUT_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate: bool,
+
+    /// How often the outbox is swept when no wake-up notification arrives.
+    #[arg(long, env = "PGFANOUT_OUTBOX_POLL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub outbox_poll: Duration,
+
+    /// Outbox rows published per transaction.
+    #[arg(long, env = "PGFANOUT_OUTBOX_BATCH", default_value_t = 500)]
+    pub outbox_batch: u32,
+
+    /// Largest event `pgfanout.publish()` accepts (bytes of its JSON text); written into
+    /// `pgfanout.settings` by migrations.
+    #[arg(long, env = "PGFANOUT_OUTBOX_MAX_EVENT_BYTES", default_value_t = 1 << 20)]
+    pub outbox_max_event_bytes: u32,
+
     /// On SIGTERM, client disconnects are spread over this window.
     #[arg(long, env = "PGFANOUT_DRAIN_WINDOW", default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_window: Duration,
@@ -316,6 +339,13 @@ fn invalid(env: &'static str, flag: &'static str, reason: impl Into<String>) -> 
         flag,
         reason: reason.into(),
     }
+}
+
+/// What the binary does besides running a node.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Install or upgrade the `pgfanout` schema in PGFANOUT_DATABASE_URL, then exit.
+    Migrate,
 }
 
 /// Postgres truncates identifiers (and so channel names) longer than this.
@@ -511,6 +541,27 @@ impl Config {
                 "PGFANOUT_LEASE_TTL",
                 "lease-ttl",
                 "must be at least 300ms",
+            ));
+        }
+        if self.outbox_poll.is_zero() {
+            return Err(invalid(
+                "PGFANOUT_OUTBOX_POLL",
+                "outbox-poll",
+                "must be above 0",
+            ));
+        }
+        if !(1..=10_000).contains(&self.outbox_batch) {
+            return Err(invalid(
+                "PGFANOUT_OUTBOX_BATCH",
+                "outbox-batch",
+                "must be between 1 and 10000",
+            ));
+        }
+        if self.outbox_max_event_bytes == 0 || self.outbox_max_event_bytes > i32::MAX as u32 {
+            return Err(invalid(
+                "PGFANOUT_OUTBOX_MAX_EVENT_BYTES",
+                "outbox-max-event-bytes",
+                "must be between 1 and 2147483647",
             ));
         }
         if !(1..=1024).contains(&self.ingest_shards) {

@@ -10,7 +10,8 @@
 //! - [`session`]: one task per connection: commands, bounded queue, ping/pong, close codes.
 //! - [`hub`]: channel → local sessions; fan-out of frames encoded once.
 //! - [`bus`]: the Redis (or in-memory) bus: offsets, epochs, history, subscriptions.
-//! - [`ingest`]: the Postgres LISTEN loop, channel-shard leases, takeovers and bridges.
+//! - [`ingest`]: the Postgres LISTEN loop, channel-shard leases, takeovers and bridges; the
+//!   `pgfanout` schema (migrations) and the outbox claimer.
 //! - [`limits`]: rate and connection limits per tier and subject, shared in Redis.
 //! - [`demo`]: the live-table demo page at `/demo/` and its table (`PGFANOUT_DEMO`).
 //! - [`http`]: the axum router: WebSocket, `/health`, `/ready`, `/metrics`.
@@ -72,6 +73,8 @@ pub enum RunError {
     Tiers(limits::TiersError),
     #[error("demo: {0}")]
     Demo(#[from] demo::DemoError),
+    #[error("pgfanout schema: {0}")]
+    Schema(ingest::migrate::MigrateError),
 }
 
 /// Runs a node until `shutdown` is cancelled, then drains (see [`shutdown`]): `/ready`
@@ -120,7 +123,20 @@ pub async fn run(
         return finish(server, deadlines.end).await;
     };
     if let Some(url) = &config.database_url {
-        start_ingest(&config, url, &bus, &health, &tasks);
+        let outbox = match prepare_schema(&config, url, &health, &shutdown).await {
+            Ok(ready) => ready,
+            Err(e) => {
+                shutdown::begin(&health, &drain);
+                let deadlines =
+                    Deadlines::new(Instant::now(), config.shutdown_grace, Duration::ZERO);
+                // The refusal is the error worth reporting; the drain of what had started
+                // is best effort.
+                let _ = shutdown::drain(&tasks, deadlines).await;
+                let _ = finish(server, deadlines.end).await;
+                return Err(e);
+            }
+        };
+        start_ingest(&config, url, &bus, &health, &tasks, outbox);
     }
     if let Some(demo) = &demo {
         let background = &tasks.background;
@@ -237,8 +253,24 @@ async fn finish(server: Server, deadline: Instant) -> Result<(), RunError> {
 
 /// The LISTEN loop, one bridge per channel shard and, with Redis, the shard leases: all in
 /// the ingest stage, so they run until the sessions are gone and then hand off.
-fn start_ingest(config: &Config, url: &str, bus: &Bus, health: &Arc<Health>, tasks: &Tasks) {
+fn start_ingest(
+    config: &Config,
+    url: &str,
+    bus: &Bus,
+    health: &Arc<Health>,
+    tasks: &Tasks,
+    outbox: bool,
+) {
     let stage = &tasks.ingest;
+    if outbox {
+        let claimer = ingest::outbox::Outbox {
+            database_url: url.to_owned(),
+            bus: bus.clone(),
+            poll: config.outbox_poll,
+            batch: config.outbox_batch,
+        };
+        stage.spawn(claimer.run(stage.cancel.clone()));
+    }
     let shared = ingest::shards::Shared::new(config.ingest_shards, config.ingest_buffer_bytes);
     // Unique per process, so a restarted node never takes its predecessor's leases or
     // markers for its own.
@@ -275,6 +307,61 @@ fn start_ingest(config: &Config, url: &str, bus: &Bus, health: &Arc<Health>, tas
         health: health.clone(),
     };
     stage.spawn(ingest.run(stage.cancel.clone()));
+}
+
+/// Applies (or, with `PGFANOUT_MIGRATE=false`, checks) the `pgfanout` schema before the node
+/// serves, retrying while the database is unreachable; `/ready` says `pending` meanwhile.
+/// Ok(true): the outbox can run.
+///
+/// # Errors
+/// The schema is newer than this binary: the node refuses to start.
+async fn prepare_schema(
+    config: &Config,
+    url: &str,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<bool, RunError> {
+    use health::MigrationState;
+    use ingest::migrate::{self, MigrateError};
+    health.set_migrations(MigrationState::Pending);
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let result = if config.migrate {
+            migrate::migrate(url, config.outbox_max_event_bytes)
+                .await
+                .map(|m| m.to)
+        } else {
+            migrate::check(url).await
+        };
+        match result {
+            Ok(version) => {
+                tracing::info!(version, "pgfanout schema ready; outbox enabled");
+                health.set_migrations(MigrationState::Applied);
+                return Ok(true);
+            }
+            Err(MigrateError::Missing) => {
+                tracing::warn!(
+                    "pgfanout schema not installed and PGFANOUT_MIGRATE=false: outbox disabled"
+                );
+                health.set_migrations(MigrationState::NotRequired);
+                return Ok(false);
+            }
+            Err(e) if e.is_fatal() => {
+                health.set_migrations(MigrationState::Failed);
+                tracing::error!(error = %e, "refusing to start");
+                return Err(RunError::Schema(e));
+            }
+            Err(e) => {
+                health.set_migrations(MigrationState::Failed);
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot apply the pgfanout schema yet");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// The bus from config, its tasks in the background stage; Redis is retried with backoff

@@ -4,7 +4,7 @@
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use pgfanout::config::{Config, LogFormat};
+use pgfanout::config::{Command, Config, LogFormat};
 
 /// Exit status after a second signal cut the drain short (128 + SIGINT, as shells do).
 const SECOND_SIGNAL_EXIT: i32 = 130;
@@ -31,6 +31,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Migrate) = config.command {
+        return runtime.block_on(migrate(&config));
+    }
     let result = runtime.block_on(serve(config));
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     match result {
@@ -38,6 +41,31 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "pgfanout failed");
             eprintln!("pgfanout: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pgfanout migrate`: applies the schema once and reports what it did.
+async fn migrate(config: &Config) -> std::process::ExitCode {
+    let Some(url) = &config.database_url else {
+        eprintln!("pgfanout migrate: PGFANOUT_DATABASE_URL is not set");
+        return std::process::ExitCode::from(2);
+    };
+    match pgfanout::ingest::migrate::migrate(url, config.outbox_max_event_bytes).await {
+        Ok(m) if m.from == m.to => {
+            println!("pgfanout schema already at version {}", m.to);
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(m) => {
+            println!(
+                "pgfanout schema migrated from version {} to {}",
+                m.from, m.to
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pgfanout migrate: {e}");
             std::process::ExitCode::FAILURE
         }
     }

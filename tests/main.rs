@@ -21,6 +21,7 @@ mod limits_latency;
 mod limits_session;
 mod limits_shared;
 mod metrics_names;
+mod outbox;
 mod postgres_outage;
 mod protocol;
 mod recovery;

@@ -1,13 +1,16 @@
 //! Ingest from Postgres: the LISTEN loop on one dedicated connection, reconnecting with
 //! backoff, that feeds every notification into the per-shard buffers of [`stream`]; the
 //! shard leases and takeovers of [`shards`]; one bridge task per shard that puts what this
-//! node owns on the bus, exactly once.
+//! node owns on the bus, exactly once. The durable path: the `pgfanout` schema
+//! ([`migrate`], `schema_v1.sql`) and the [`outbox`] claimer.
 //!
 //! Every node LISTENs on every channel (a warm standby for every shard). With Redis, the
 //! holder of a shard's lease bridges it (fenced by the lease token); the in-memory bus is
 //! its own single owner. The rule that makes a takeover lose nothing and repeat nothing is
 //! in `docs/ingest.md`.
 
+pub mod migrate;
+pub mod outbox;
 pub mod shards;
 pub mod stream;
 

@@ -1,0 +1,257 @@
+//! The outbox claimer: moves rows of `pgfanout.outbox` onto the bus, each exactly once.
+//!
+//! One connection per node LISTENs on the wake-up channel (`pgfanout.publish` sends one
+//! notification per writing transaction) and sweeps the partitions that have rows: at once
+//! on a wake-up, else every `PGFANOUT_OUTBOX_POLL` (a missed wake-up, or rows left by a
+//! node that died). A partition is worked on in transactions that each take its advisory
+//! lock (`pg_try_advisory_xact_lock`: one node per partition at a time, any node may take
+//! any partition), read a batch in id order, publish it with `outbox:<id>` as idempotency
+//! key, and delete it. A node that dies between publishing and committing leaves the rows;
+//! whoever takes them next publishes them again and the bus drops them as duplicates.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusError, PublishOutcome, PublishRequest, Source};
+use crate::metrics as m;
+use crate::protocol::valid_channel;
+
+/// The wake-up channel `pgfanout.publish()` notifies.
+pub const WAKE_CHANNEL: &str = "pgfanout_outbox";
+/// `application_name` of the claimer's connection.
+pub const APPLICATION_NAME: &str = "pgfanout-outbox";
+/// First key of the partitions' advisory locks (`pgfo`).
+const LOCK_CLASS: i32 = 0x7067_666f;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("bus: {0}")]
+    Bus(#[from] BusError),
+    #[error("postgres connect timed out")]
+    Timeout,
+}
+
+pub struct Outbox {
+    pub database_url: String,
+    pub bus: Bus,
+    /// Sweep period without wake-ups.
+    pub poll: Duration,
+    /// Rows per transaction.
+    pub batch: u32,
+}
+
+impl Outbox {
+    /// Claims and publishes until cancelled, reconnecting with backoff.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.serve(&cancel, &mut delay).await {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "outbox claimer failed"),
+            }
+            metrics::gauge!(m::OUTBOX_PARTITIONS_OWNED).set(0.0);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn serve(
+        &self,
+        cancel: &CancellationToken,
+        delay: &mut Duration,
+    ) -> Result<(), OutboxError> {
+        let mut config: tokio_postgres::Config = self.database_url.parse()?;
+        config
+            .application_name(APPLICATION_NAME)
+            .connect_timeout(Duration::from_secs(5))
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10));
+        let (mut client, mut connection) =
+            tokio::time::timeout(Duration::from_secs(10), config.connect(NoTls))
+                .await
+                .map_err(|_| OutboxError::Timeout)??;
+        let wake = Arc::new(Notify::new());
+        let woken = wake.clone();
+        let lost = CancellationToken::new();
+        let lost_guard = lost.clone();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => woken.notify_one(),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            lost_guard.cancel();
+        });
+        let _driver = AbortOnDrop(driver.abort_handle());
+        client
+            .batch_execute(&format!("LISTEN {WAKE_CHANNEL}"))
+            .await?;
+        let stamp = match client
+            .query_one(
+                "SELECT current_setting('track_commit_timestamp') = 'on'",
+                &[],
+            )
+            .await
+        {
+            Ok(row) if row.get::<_, bool>(0) => "pg_xact_commit_timestamp(xmin)",
+            _ => "NULL::timestamptz",
+        };
+        let select = format!(
+            "SELECT id, channel, (CASE WHEN stamp_commit THEN jsonb_set(data, '{{commit_time}}', \
+             to_jsonb(coalesce({stamp}, created_at))) ELSE data END)::text \
+             FROM pgfanout.outbox WHERE part = $1 ORDER BY id LIMIT $2"
+        );
+        *delay = Duration::from_millis(100);
+        tracing::info!("outbox claimer connected");
+        loop {
+            match self.sweep(&mut client, &select).await {
+                Ok(()) => {}
+                // The rows stay; the connection is fine.
+                Err(OutboxError::Bus(e)) => {
+                    tracing::warn!(error = %e, "outbox: bus unavailable; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = lost.cancelled() => return Err(OutboxError::Timeout),
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+
+    /// Drains every partition that has rows and that no other node is working on.
+    async fn sweep(&self, client: &mut Client, select: &str) -> Result<(), OutboxError> {
+        let rows = client
+            .query("SELECT DISTINCT part FROM pgfanout.outbox", &[])
+            .await?;
+        let mut parts: Vec<i16> = rows.iter().map(|r| r.get(0)).collect();
+        if parts.is_empty() {
+            metrics::gauge!(m::OUTBOX_PARTITIONS_OWNED).set(0.0);
+            return Ok(());
+        }
+        // Nodes sweeping together start at different partitions.
+        let start = rand::random_range(0..parts.len());
+        parts.rotate_left(start);
+        let mut claimed = 0;
+        for part in parts {
+            let mut first = true;
+            loop {
+                match self.drain_batch(client, select, part).await? {
+                    None => break,
+                    Some(n) => {
+                        if first {
+                            claimed += 1;
+                            metrics::gauge!(m::OUTBOX_PARTITIONS_OWNED).set(f64::from(claimed));
+                            first = false;
+                        }
+                        if n < self.batch as usize {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One transaction on `part`: lock, read a batch, publish, delete. None: another node
+    /// holds the partition.
+    async fn drain_batch(
+        &self,
+        client: &mut Client,
+        select: &str,
+        part: i16,
+    ) -> Result<Option<usize>, OutboxError> {
+        let tx = client.transaction().await?;
+        let locked: bool = tx
+            .query_one(
+                "SELECT pg_try_advisory_xact_lock($1, $2)",
+                &[&LOCK_CLASS, &i32::from(part)],
+            )
+            .await?
+            .get(0);
+        if !locked {
+            return Ok(None);
+        }
+        let rows = tx.query(select, &[&part, &i64::from(self.batch)]).await?;
+        let mut done = Vec::with_capacity(rows.len());
+        let mut failure = None;
+        for row in &rows {
+            let id: i64 = row.get(0);
+            let channel: &str = row.get(1);
+            let data: &str = row.get(2);
+            match self.publish(id, channel, data).await {
+                Ok(()) => done.push(id),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if !done.is_empty() {
+            tx.execute(
+                "DELETE FROM pgfanout.outbox WHERE part = $1 AND id = ANY($2)",
+                &[&part, &done],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(Some(rows.len())),
+        }
+    }
+
+    async fn publish(&self, id: i64, channel: &str, data: &str) -> Result<(), OutboxError> {
+        if !valid_channel(channel) {
+            tracing::warn!(
+                id,
+                channel,
+                "outbox row on an invalid channel name; dropped"
+            );
+            metrics::counter!(m::MESSAGES_DROPPED, "reason" => "invalid_channel").increment(1);
+            return Ok(());
+        }
+        let key = format!("outbox:{id}");
+        let request = PublishRequest {
+            channel,
+            data: Bytes::copy_from_slice(data.as_bytes()),
+            idempotency_key: Some(&key),
+            fence: None,
+            source: Source::Outbox,
+        };
+        if let PublishOutcome::Duplicate { .. } = self.bus.publish(request).await? {
+            metrics::counter!(m::INGEST_DUPLICATES, "path" => "outbox").increment(1);
+        }
+        Ok(())
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
