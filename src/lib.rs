@@ -122,21 +122,14 @@ pub async fn run(
         shutdown::drain(&tasks, deadlines).await?;
         return finish(server, deadlines.end).await;
     };
+    // A schema newer than this binary: the node stops and `run` returns the refusal.
+    let refused = Arc::new(std::sync::Mutex::new(None));
     if let Some(url) = &config.database_url {
-        let outbox = match prepare_schema(&config, url, &health, &shutdown).await {
-            Ok(ready) => ready,
-            Err(e) => {
-                shutdown::begin(&health, &drain);
-                let deadlines =
-                    Deadlines::new(Instant::now(), config.shutdown_grace, Duration::ZERO);
-                // The refusal is the error worth reporting; the drain of what had started
-                // is best effort.
-                let _ = shutdown::drain(&tasks, deadlines).await;
-                let _ = finish(server, deadlines.end).await;
-                return Err(e);
-            }
+        let schema = SchemaStart {
+            refused: refused.clone(),
+            shutdown: shutdown.clone(),
         };
-        start_ingest(&config, url, &bus, &health, &tasks, outbox);
+        start_ingest(&config, url, &bus, &health, &tasks, schema);
     }
     if let Some(demo) = &demo {
         let background = &tasks.background;
@@ -194,6 +187,9 @@ pub async fn run(
     shutdown::begin(&health, &drain);
     let drained = shutdown::drain(&tasks, deadlines).await;
     finish(server, deadlines.end).await?;
+    if let Some(e) = refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(RunError::Schema(e));
+    }
     drained?;
     tracing::info!("stopped");
     Ok(())
@@ -259,18 +255,37 @@ fn start_ingest(
     bus: &Bus,
     health: &Arc<Health>,
     tasks: &Tasks,
-    outbox: bool,
+    schema: SchemaStart,
 ) {
     let stage = &tasks.ingest;
-    if outbox {
-        let claimer = ingest::outbox::Outbox {
-            database_url: url.to_owned(),
-            bus: bus.clone(),
-            poll: config.outbox_poll,
-            batch: config.outbox_batch,
-        };
-        stage.spawn(claimer.run(stage.cancel.clone()));
-    }
+    // Not ready until the schema is in place (set before the node serves).
+    health.set_migrations(health::MigrationState::Pending);
+    let claimer = ingest::outbox::Outbox {
+        database_url: url.to_owned(),
+        bus: bus.clone(),
+        poll: config.outbox_poll,
+        batch: config.outbox_batch,
+    };
+    let (migrate, max_event_bytes) = (config.migrate, config.outbox_max_event_bytes);
+    let (health_, cancel) = (health.clone(), stage.cancel.clone());
+    stage.spawn(async move {
+        match prepare_schema(
+            &claimer.database_url,
+            migrate,
+            max_event_bytes,
+            &health_,
+            &cancel,
+        )
+        .await
+        {
+            Ok(true) => claimer.run(cancel).await,
+            Ok(false) => {}
+            Err(e) => {
+                *schema.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                schema.shutdown.cancel();
+            }
+        }
+    });
     let shared = ingest::shards::Shared::new(config.ingest_shards, config.ingest_buffer_bytes);
     // Unique per process, so a restarted node never takes its predecessor's leases or
     // markers for its own.
@@ -309,27 +324,31 @@ fn start_ingest(
     stage.spawn(ingest.run(stage.cancel.clone()));
 }
 
-/// Applies (or, with `PGFANOUT_MIGRATE=false`, checks) the `pgfanout` schema before the node
-/// serves, retrying while the database is unreachable; `/ready` says `pending` meanwhile.
-/// Ok(true): the outbox can run.
+/// Where a refusal to run on the database's schema goes: the node stops and `run` fails.
+struct SchemaStart {
+    refused: Arc<std::sync::Mutex<Option<ingest::migrate::MigrateError>>>,
+    shutdown: CancellationToken,
+}
+
+/// Applies (or, with `PGFANOUT_MIGRATE=false`, checks) the `pgfanout` schema, retrying while
+/// the database is unreachable; `/ready` says `pending` meanwhile. Ok(true): the outbox can
+/// run.
 ///
 /// # Errors
-/// The schema is newer than this binary: the node refuses to start.
+/// The schema is newer than this binary: the node refuses to run on it.
 async fn prepare_schema(
-    config: &Config,
     url: &str,
+    apply: bool,
+    max_event_bytes: u32,
     health: &Health,
     shutdown: &CancellationToken,
-) -> Result<bool, RunError> {
+) -> Result<bool, ingest::migrate::MigrateError> {
     use health::MigrationState;
     use ingest::migrate::{self, MigrateError};
-    health.set_migrations(MigrationState::Pending);
     let mut delay = Duration::from_millis(200);
     loop {
-        let result = if config.migrate {
-            migrate::migrate(url, config.outbox_max_event_bytes)
-                .await
-                .map(|m| m.to)
+        let result = if apply {
+            migrate::migrate(url, max_event_bytes).await.map(|m| m.to)
         } else {
             migrate::check(url).await
         };
@@ -348,11 +367,10 @@ async fn prepare_schema(
             }
             Err(e) if e.is_fatal() => {
                 health.set_migrations(MigrationState::Failed);
-                tracing::error!(error = %e, "refusing to start");
-                return Err(RunError::Schema(e));
+                tracing::error!(error = %e, "refusing to run; stopping");
+                return Err(e);
             }
             Err(e) => {
-                health.set_migrations(MigrationState::Failed);
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot apply the pgfanout schema yet");
             }
         }

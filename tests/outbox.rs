@@ -208,8 +208,8 @@ async fn track_table_publishes_row_changes_and_large_events_arrive_whole() -> an
 
 const CHANNELS: [&str; 4] = ["box_a", "box_b", "box_c", "box_d"];
 const EVENTS: u64 = 20_000;
-/// Events per transaction, one transaction per tick: 2,000/s.
-const BATCH: u64 = 40;
+/// Events per transaction, one transaction per tick: 2,500/s (headroom over the 2,000/s asked).
+const BATCH: u64 = 50;
 const TICK: Duration = Duration::from_millis(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +245,7 @@ async fn the_outbox_loses_and_repeats_nothing_when_every_node_dies() -> anyhow::
     let (sent, elapsed) = producer.await??;
     let rate = sent as f64 / elapsed.as_secs_f64();
     eprintln!("published {sent} outbox events in {elapsed:?} ({rate:.0}/s)");
-    assert!(rate >= 2_000.0 * 0.95, "producer too slow: {rate:.0}/s");
+    assert!(rate >= 2_000.0, "producer too slow: {rate:.0}/s");
 
     let mut problems = Vec::new();
     for (home, follower) in followers.into_iter().enumerate() {
