@@ -14,7 +14,9 @@
 #
 # Environment: PGFANOUT_TEST_DATABASE_URL (else found by scripts/deps.sh),
 # BENCH_NODES (default 2), BENCH_PORT (first node port, default: a free one from 18400),
-# BENCH_NODE_ENV (extra VAR=value words for every node).
+# BENCH_NODE_ENV (extra VAR=value words for every node), BENCH_REDIS_CLUSTER=1 (a local
+# 3-master Redis Cluster instead of one redis-server; the nodes run with
+# PGFANOUT_REDIS_CLUSTER=true).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -71,6 +73,7 @@ mkdir -p "$out"
 run_dir=$(mktemp -d "$ROOT/.tmp/bench-run.XXXXXX")
 pids=()
 redis_pid=''
+cluster_pids=()
 db_name="pgfanout_bench_$$"
 
 cleanup() {
@@ -81,6 +84,7 @@ cleanup() {
     kill -KILL "$pid" 2>/dev/null || true
   done
   [[ -n $redis_pid ]] && kill -TERM "$redis_pid" 2>/dev/null || true
+  for pid in "${cluster_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   psql -X -q -d "$db_admin" -c "DROP DATABASE IF EXISTS $db_name WITH (FORCE)" >/dev/null 2>&1 || true
   rm -rf "$run_dir"
 }
@@ -95,13 +99,45 @@ free_port() {
 
 # Our own Redis: nothing else's traffic in its CPU figure.
 redis_port=$(free_port $((16400 + RANDOM % 1000)))
-redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
-  --dir "$run_dir" --logfile "$run_dir/redis.log" --daemonize no >/dev/null &
-redis_pid=$!
-for _ in $(seq 50); do
-  [[ $(redis-cli -p "$redis_port" ping 2>/dev/null) == PONG ]] && break
-  sleep 0.1
-done
+if [[ ${BENCH_REDIS_CLUSTER:-0} == 1 ]]; then
+  # Three masters, no replicas, on consecutive free ports (cluster bus on port + 10000).
+  seeds=()
+  addresses=()
+  p=$redis_port
+  for i in 0 1 2; do
+    p=$(free_port "$p")
+    redis-server --bind 127.0.0.1 --port "$p" --save '' --appendonly no \
+      --cluster-enabled yes --cluster-config-file "$run_dir/nodes-$i.conf" \
+      --cluster-node-timeout 2000 --dbfilename "dump-$i.rdb" \
+      --dir "$run_dir" --logfile "$run_dir/redis-$i.log" --daemonize no >/dev/null &
+    cluster_pids+=($!)
+    for _ in $(seq 50); do
+      [[ $(redis-cli -p "$p" ping 2>/dev/null) == PONG ]] && break
+      sleep 0.1
+    done
+    seeds+=("redis://127.0.0.1:$p")
+    addresses+=("127.0.0.1:$p")
+    p=$((p + 1))
+  done
+  redis-cli --cluster create "${addresses[@]}" --cluster-yes >/dev/null
+  for _ in $(seq 100); do
+    redis-cli -p "$redis_port" cluster info 2>/dev/null | grep -q cluster_state:ok && break
+    sleep 0.1
+  done
+  sleep 1
+  redis_url=$(IFS=,; printf '%s' "${seeds[*]}")
+  redis_cluster=true
+else
+  redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
+    --dir "$run_dir" --logfile "$run_dir/redis.log" --daemonize no >/dev/null &
+  redis_pid=$!
+  for _ in $(seq 50); do
+    [[ $(redis-cli -p "$redis_port" ping 2>/dev/null) == PONG ]] && break
+    sleep 0.1
+  done
+  redis_url="redis://127.0.0.1:$redis_port"
+  redis_cluster=false
+fi
 
 # A fresh database: the nodes install their schema there.
 psql -X -q -d "$db_admin" -c "CREATE DATABASE $db_name" >/dev/null
@@ -119,7 +155,8 @@ for ((i = 0; i < nodes; i++)); do
   id="bench-${letters:i:1}"
   # shellcheck disable=SC2086 # BENCH_NODE_ENV is a list of words on purpose.
   env PGFANOUT_LISTEN="127.0.0.1:$port" PGFANOUT_NODE_ID="$id" \
-    PGFANOUT_DATABASE_URL="$db_url" PGFANOUT_REDIS_URL="redis://127.0.0.1:$redis_port" \
+    PGFANOUT_DATABASE_URL="$db_url" PGFANOUT_REDIS_URL="$redis_url" \
+    PGFANOUT_REDIS_CLUSTER="$redis_cluster" \
     PGFANOUT_CHANNELS="$channels" PGFANOUT_ALLOW_ANONYMOUS=true \
     PGFANOUT_ALLOW_ANONYMOUS_PUBLISH=true PGFANOUT_API_KEYS=bench-api-key-0123456789 \
     PGFANOUT_LOG=warn PGFANOUT_LOG_FORMAT=text ${BENCH_NODE_ENV:-} \
@@ -135,7 +172,7 @@ for ((i = 0; i < nodes; i++)); do
   curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$port/ready" || { cat "$run_dir/$id.log" >&2; die "$id not ready"; }
   port=$((port + 1))
 done
-say "cluster up: ${nodes} nodes (pids ${pids[*]}), redis :$redis_port (pid $redis_pid), database $db_name"
+say "cluster up: ${nodes} nodes (pids ${pids[*]}), redis $redis_url (pids $redis_pid${cluster_pids[*]}), database $db_name"
 
 join() {
   local IFS=,
@@ -144,9 +181,10 @@ join() {
 args=(run loadtest/scenarios.toml
   --set "urls=$(join "${urls[@]}")" --set "api_urls=$(join "${api_urls[@]}")"
   --set 'api_key="bench-api-key-0123456789"' --set "database_url=\"$db_url\""
-  --redis-pid "$redis_pid" --postgres-cpu
+  --postgres-cpu
   --json "$out/results.json" --csv "$out/results.csv")
 for pid in "${pids[@]}"; do args+=(--node-pid "$pid"); done
+for pid in $redis_pid "${cluster_pids[@]}"; do args+=(--redis-pid "$pid"); done
 if ((${#scenarios[@]})); then
   for s in "${scenarios[@]}"; do args+=(--only "$s"); done
 else
