@@ -627,3 +627,96 @@ async fn shared_limits_hold_across_nodes_on_the_cluster() -> anyhow::Result<()> 
     println!("limits on the cluster: 5 connections per user held; {accepted} of 60 subscribes accepted in {spans} s (limit 10/s), {shared} shared decisions");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_fence_holds_across_slots() -> anyhow::Result<()> {
+    use pgfanout::bus::redis::{RedisBus, Target};
+    use pgfanout::bus::{Fence, FenceRecord, PublishOutcome, PublishRequest, Source};
+    let redis = RedisCluster::start(3, 0).await;
+    let seeds: Vec<String> = redis.seeds().split(',').map(str::to_owned).collect();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let history = std::sync::Arc::new(pgfanout::bus::HistoryPolicy::uniform(
+        100,
+        Duration::from_secs(60),
+        Duration::from_secs(600),
+    ));
+    let hub = std::sync::Arc::new(pgfanout::hub::Hub::new());
+    let bus = RedisBus::connect_to(
+        Target::Cluster(&seeds),
+        hub,
+        history,
+        &tracker,
+        cancel.clone(),
+    )
+    .await?;
+    // The lease and the channel live on different masters.
+    let lease = "pgfanout:{ingest}:lease:3";
+    let any = redis.running()[0];
+    let lease_master = redis
+        .master_of_slot(any, pgfanout::bus::slot::of(b"ingest"))
+        .await?;
+    let mut channel = None;
+    for i in 0..100 {
+        let c = format!("fenced{i}");
+        let slot = pgfanout::bus::slot::of(c.as_bytes());
+        if redis.master_of_slot(any, slot).await? != lease_master {
+            channel = Some(c);
+            break;
+        }
+    }
+    let channel = channel.context("a channel on another master")?;
+    redis
+        .cli(any, &["-c", "SET", lease, "mine", "PX", "10000"])
+        .await?;
+    let fence = |token: &str, value: &str| Fence {
+        key: lease.to_string(),
+        token: token.to_string(),
+        record: Some(FenceRecord {
+            key: "pgfanout:{ingest}:pos:3".to_string(),
+            value: value.to_string(),
+        }),
+    };
+    let publish = |fence: Fence| {
+        let bus = bus.clone();
+        let channel = channel.clone();
+        async move {
+            bus.publish(PublishRequest {
+                channel: &channel,
+                data: bytes::Bytes::from_static(b"{}"),
+                idempotency_key: None,
+                fence: Some(&fence),
+                source: Source::Notify,
+            })
+            .await
+        }
+    };
+    let first = publish(fence("mine", "m1:1")).await?;
+    ensure!(
+        matches!(first, PublishOutcome::Published { offset: 1, .. }),
+        "{first:?}"
+    );
+    let record = redis
+        .cli(any, &["-c", "GET", "pgfanout:{ingest}:pos:3"])
+        .await?;
+    ensure!(record.trim() == "m1:1", "record after publishing: {record}");
+    // A retry of the same position is a duplicate (the dedupe key in the channel's slot).
+    let retry = publish(fence("mine", "m1:1")).await?;
+    ensure!(
+        matches!(retry, PublishOutcome::Duplicate { .. }),
+        "{retry:?}"
+    );
+    // Another token is fenced, and so is ours once the lease is about to expire.
+    let stale = publish(fence("someone-else", "m1:2")).await?;
+    ensure!(stale == PublishOutcome::Fenced, "{stale:?}");
+    redis.cli(any, &["-c", "PEXPIRE", lease, "100"]).await?;
+    let expiring = publish(fence("mine", "m1:2")).await?;
+    ensure!(
+        expiring == PublishOutcome::Fenced,
+        "inside the clock margin: {expiring:?}"
+    );
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
