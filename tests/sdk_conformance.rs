@@ -155,8 +155,7 @@ async fn publishes_from_the_client(sdk: Sdk) -> anyhow::Result<()> {
     subscribed(&mut driver, "chat").await?;
 
     driver.publish("chat", json!({"text": "hi"})).await?;
-    driver.until(WAIT, "published", |_| true).await?;
-    let (own, _) = driver.publications("chat", 1, WAIT).await?;
+    let own = published_and_received(&mut driver).await?;
     assert_eq!(own, vec![(1, json!({"text": "hi"}))]);
     let seen = other.next_pub(WAIT).await?;
     assert_eq!((seen.offset, seen.data), (1, json!({"text": "hi"})));
@@ -166,9 +165,19 @@ async fn publishes_from_the_client(sdk: Sdk) -> anyhow::Result<()> {
     let (failed, _) = driver.until(WAIT, "publish_failed", |_| true).await?;
     assert_eq!(failed["code"], json!(103), "{failed}");
     driver.publish("chat", json!({"text": "again"})).await?;
-    let (again, _) = driver.publications("chat", 1, WAIT).await?;
+    let again = published_and_received(&mut driver).await?;
     assert_eq!(again, vec![(2, json!({"text": "again"}))]);
     Ok(())
+}
+
+/// Waits for the SDK's own publication on `chat` to come back and for the publish to be
+/// acknowledged, in whichever order they arrive (the push may overtake the reply).
+async fn published_and_received(driver: &mut SdkDriver) -> anyhow::Result<Vec<(u64, Value)>> {
+    let (publications, others) = driver.publications("chat", 1, WAIT).await?;
+    if !others.iter().any(|e| e["event"] == "published") {
+        driver.until(WAIT, "published", |_| true).await?;
+    }
+    Ok(publications)
 }
 
 async fn unsubscribes_and_subscribes_again(sdk: Sdk) -> anyhow::Result<()> {
