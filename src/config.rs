@@ -285,6 +285,11 @@ pub struct Config {
     #[arg(long, env = "PGFANOUT_OUTBOX_POLL", default_value = "250ms", value_parser = humantime::parse_duration)]
     pub outbox_poll: Duration,
 
+    /// Outbox claimers per node, each with its own Postgres connection: how many partitions
+    /// a node publishes at once.
+    #[arg(long, env = "PGFANOUT_OUTBOX_WORKERS", default_value_t = 4)]
+    pub outbox_workers: usize,
+
     /// Outbox rows published per transaction.
     #[arg(long, env = "PGFANOUT_OUTBOX_BATCH", default_value_t = 500)]
     pub outbox_batch: u32,
@@ -548,6 +553,13 @@ impl Config {
                 "PGFANOUT_OUTBOX_POLL",
                 "outbox-poll",
                 "must be above 0",
+            ));
+        }
+        if !(1..=64).contains(&self.outbox_workers) {
+            return Err(invalid(
+                "PGFANOUT_OUTBOX_WORKERS",
+                "outbox-workers",
+                "must be between 1 and 64",
             ));
         }
         if !(1..=10_000).contains(&self.outbox_batch) {

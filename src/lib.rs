@@ -267,6 +267,7 @@ fn start_ingest(
         batch: config.outbox_batch,
     };
     let (migrate, max_event_bytes) = (config.migrate, config.outbox_max_event_bytes);
+    let workers = config.outbox_workers;
     let (health_, cancel) = (health.clone(), stage.cancel.clone());
     stage.spawn(async move {
         match prepare_schema(
@@ -278,7 +279,10 @@ fn start_ingest(
         )
         .await
         {
-            Ok(true) => claimer.run(cancel).await,
+            Ok(true) => {
+                let claimers = (0..workers).map(|_| claimer.clone().run(cancel.clone()));
+                futures_util::future::join_all(claimers).await;
+            }
             Ok(false) => {}
             Err(e) => {
                 *schema.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);

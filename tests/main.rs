@@ -17,6 +17,7 @@ mod drain_startup;
 mod floods;
 mod harness;
 mod ingest_chaos;
+mod ingest_throughput;
 mod limits_latency;
 mod limits_session;
 mod limits_shared;

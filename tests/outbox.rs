@@ -209,8 +209,8 @@ async fn track_table_publishes_row_changes_and_large_events_arrive_whole() -> an
 const CHANNELS: [&str; 4] = ["box_a", "box_b", "box_c", "box_d"];
 const EVENTS: u64 = 20_000;
 /// Events per transaction, one transaction per tick: 2,500/s (headroom over the 2,000/s asked).
-const BATCH: u64 = 50;
-const TICK: Duration = Duration::from_millis(20);
+const BATCH: u64 = 100;
+const TICK: Duration = Duration::from_millis(40);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbox_loses_and_repeats_nothing_when_every_node_dies() -> anyhow::Result<()> {

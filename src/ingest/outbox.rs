@@ -8,6 +8,9 @@
 //! any partition), read a batch in id order, publish it with `outbox:<id>` as idempotency
 //! key, and delete it. A node that dies between publishing and committing leaves the rows;
 //! whoever takes them next publishes them again and the bus drops them as duplicates.
+//! A node runs `PGFANOUT_OUTBOX_WORKERS` claimers (one connection each), so several
+//! partitions move at once; within a batch, the channels are published concurrently, each
+//! in id order.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +42,7 @@ pub enum OutboxError {
     Timeout,
 }
 
+#[derive(Clone)]
 pub struct Outbox {
     pub database_url: String,
     pub bus: Bus,
@@ -57,7 +61,6 @@ impl Outbox {
                 Ok(()) => return,
                 Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "outbox claimer failed"),
             }
-            metrics::gauge!(m::OUTBOX_PARTITIONS_OWNED).set(0.0);
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -147,28 +150,15 @@ impl Outbox {
             .await?;
         let mut parts: Vec<i16> = rows.iter().map(|r| r.get(0)).collect();
         if parts.is_empty() {
-            metrics::gauge!(m::OUTBOX_PARTITIONS_OWNED).set(0.0);
             return Ok(());
         }
         // Nodes sweeping together start at different partitions.
         let start = rand::random_range(0..parts.len());
         parts.rotate_left(start);
-        let mut claimed = 0;
         for part in parts {
-            let mut first = true;
-            loop {
-                match self.drain_batch(client, select, part).await? {
-                    None => break,
-                    Some(n) => {
-                        if first {
-                            claimed += 1;
-                            metrics::gauge!(m::OUTBOX_PARTITIONS_OWNED).set(f64::from(claimed));
-                            first = false;
-                        }
-                        if n < self.batch as usize {
-                            break;
-                        }
-                    }
+            while let Some(n) = self.drain_batch(client, select, part).await? {
+                if n < self.batch as usize {
+                    break;
                 }
             }
         }
@@ -194,20 +184,28 @@ impl Outbox {
         if !locked {
             return Ok(None);
         }
+        let _owned = Owned::claim();
         let rows = tx.query(select, &[&part, &i64::from(self.batch)]).await?;
+        // Channels are independent: each one's rows go out in id order, the channels at once.
+        let mut channels: Vec<(&str, Vec<(i64, &str)>)> = Vec::new();
+        for row in &rows {
+            let (id, channel, data): (i64, &str, &str) = (row.get(0), row.get(1), row.get(2));
+            match channels.iter_mut().find(|(c, _)| *c == channel) {
+                Some((_, list)) => list.push((id, data)),
+                None => channels.push((channel, vec![(id, data)])),
+            }
+        }
+        let results = futures_util::future::join_all(
+            channels
+                .iter()
+                .map(|(channel, list)| self.publish_channel(channel, list)),
+        )
+        .await;
         let mut done = Vec::with_capacity(rows.len());
         let mut failure = None;
-        for row in &rows {
-            let id: i64 = row.get(0);
-            let channel: &str = row.get(1);
-            let data: &str = row.get(2);
-            match self.publish(id, channel, data).await {
-                Ok(()) => done.push(id),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
+        for (published, error) in results {
+            done.extend(published);
+            failure = failure.or(error);
         }
         if !done.is_empty() {
             tx.execute(
@@ -221,6 +219,23 @@ impl Outbox {
             Some(e) => Err(e),
             None => Ok(Some(rows.len())),
         }
+    }
+
+    /// Publishes one channel's rows in order, stopping at the first failure: the ids
+    /// published, and the failure.
+    async fn publish_channel(
+        &self,
+        channel: &str,
+        rows: &[(i64, &str)],
+    ) -> (Vec<i64>, Option<OutboxError>) {
+        let mut done = Vec::with_capacity(rows.len());
+        for (id, data) in rows {
+            if let Err(e) = self.publish(*id, channel, data).await {
+                return (done, Some(e));
+            }
+            done.push(*id);
+        }
+        (done, None)
     }
 
     async fn publish(&self, id: i64, channel: &str, data: &str) -> Result<(), OutboxError> {
@@ -245,6 +260,22 @@ impl Outbox {
             metrics::counter!(m::INGEST_DUPLICATES, "path" => "outbox").increment(1);
         }
         Ok(())
+    }
+}
+
+/// A partition this node works on: counted in `outbox_partitions_owned` while it lives.
+struct Owned;
+
+impl Owned {
+    fn claim() -> Self {
+        metrics::gauge!(m::OUTBOX_PARTITIONS_OWNED).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        metrics::gauge!(m::OUTBOX_PARTITIONS_OWNED).decrement(1.0);
     }
 }
 
