@@ -21,6 +21,7 @@ mod ingest_throughput;
 mod limits_latency;
 mod limits_session;
 mod limits_shared;
+mod log_redaction;
 mod metrics_names;
 mod outbox;
 mod postgres_outage;

@@ -194,10 +194,22 @@ pub fn check_depth(json: &[u8]) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// serde_json's message without the input it quotes (`invalid type: string "…"`): a client
+/// that puts its token where a number belongs must not find it in our logs.
+fn withhold_input(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    match (message.find('"'), message.rfind('"')) {
+        (Some(first), Some(last)) if first < last => {
+            format!("{}\u{2026}{}", &message[..=first], &message[last..])
+        }
+        _ => message,
+    }
+}
+
 fn decode_command(line: &str) -> Result<Command, DecodeError> {
     check_depth(line.as_bytes())?;
     let wire: WireCommand =
-        serde_json::from_str(line).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        serde_json::from_str(line).map_err(|e| DecodeError::Malformed(withhold_input(&e)))?;
     let mut methods = Vec::with_capacity(1);
     if let Some(r) = wire.connect {
         methods.push(Method::Connect(r));
@@ -339,6 +351,14 @@ mod tests {
             check_depth("[".repeat(100_000).as_bytes()),
             Err(DecodeError::TooDeep(MAX_JSON_DEPTH))
         );
+    }
+
+    #[test]
+    fn decode_errors_do_not_quote_the_input() {
+        let err = decode_frame(r#"{"id":"secret-token-value","connect":{}}"#).unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains("secret-token-value"), "{text}");
+        assert!(text.contains("expected u32"), "{text}");
     }
 
     #[test]

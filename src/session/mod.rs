@@ -97,16 +97,24 @@ pub trait ReadError: std::fmt::Display {
 impl ReadError for axum::Error {
     fn is_bad_input(&self) -> bool {
         use std::error::Error as _;
-        matches!(
-            self.source()
-                .and_then(|e| e.downcast_ref::<tungstenite::Error>()),
+        use tungstenite::error::ProtocolError;
+        match self
+            .source()
+            .and_then(|e| e.downcast_ref::<tungstenite::Error>())
+        {
+            // A peer that vanished without a close frame just left (counted as
+            // `client_closed`, not `bad_request`).
+            Some(tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                false
+            }
             Some(
                 tungstenite::Error::Capacity(_)
-                    | tungstenite::Error::Protocol(_)
-                    | tungstenite::Error::Utf8(_)
-                    | tungstenite::Error::AttackAttempt
-            )
-        )
+                | tungstenite::Error::Protocol(_)
+                | tungstenite::Error::Utf8(_)
+                | tungstenite::Error::AttackAttempt,
+            ) => true,
+            _ => false,
+        }
     }
 }
 
