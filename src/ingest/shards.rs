@@ -26,7 +26,8 @@ use crate::bus::connection::RedisConnection;
 use crate::bus::{Bus, Fence, FenceRecord, PublishOutcome, PublishRequest, Source};
 use crate::metrics as m;
 
-/// How long a takeover waits for its marker to come back through Postgres.
+/// How long a takeover waits for its marker to come back through Postgres, at most (and
+/// never past a third of the lease TTL: the other leases must be renewed meanwhile).
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -208,6 +209,9 @@ impl Leases {
 
     /// Brings local ownership in line with what Redis says we hold.
     async fn apply(&self, share: usize, tokens: Vec<Option<String>>, cancel: &CancellationToken) {
+        // Handovers and takeovers share one budget: the next renewal is due a third of the
+        // TTL from now.
+        let deadline = tokio::time::Instant::now() + self.ttl / 3;
         let mut acquired = Vec::new();
         let mut held = Vec::new();
         {
@@ -243,7 +247,7 @@ impl Leases {
                 },
             };
             surplus -= 1;
-            if !self.caught_up(shard, cancel).await {
+            if !self.caught_up(shard, deadline, cancel).await {
                 // Handing over a backlog would leave it to a node that may not have it
                 // (one that just joined): keep the shard until the next round.
                 continue;
@@ -253,14 +257,20 @@ impl Leases {
             tracing::info!(shard, "shard handed over (over this node's share)");
         }
         if !acquired.is_empty() {
-            self.take_over(acquired, cancel).await;
+            let deadline = deadline.max(tokio::time::Instant::now() + Duration::from_millis(100));
+            self.take_over(acquired, deadline, cancel).await;
         }
         self.shared.report_owned();
     }
 
-    /// Waits (a third of the TTL at most) until this node published everything it has
+    /// Waits (until `deadline`: the next renewal) until this node published everything it has
     /// received of `shard`; true at once for a shard it does not bridge yet.
-    async fn caught_up(&self, shard: usize, cancel: &CancellationToken) -> bool {
+    async fn caught_up(
+        &self,
+        shard: usize,
+        deadline: tokio::time::Instant,
+        cancel: &CancellationToken,
+    ) -> bool {
         let (head, owned) = {
             let state = self.shared.lock();
             (state.head(shard), state.token(shard).is_some())
@@ -268,7 +278,6 @@ impl Leases {
         if !owned {
             return true;
         }
-        let deadline = tokio::time::Instant::now() + self.ttl / 3;
         loop {
             if self.shared.lock().published_through(shard, head) {
                 return true;
@@ -282,13 +291,21 @@ impl Leases {
 
     /// Waits until our stream passed a fresh marker, then continues each shard from the
     /// position the bus recorded for it.
-    async fn take_over(&self, acquired: Vec<(usize, String)>, cancel: &CancellationToken) {
+    async fn take_over(
+        &self,
+        acquired: Vec<(usize, String)>,
+        deadline: tokio::time::Instant,
+        cancel: &CancellationToken,
+    ) {
         let (done, passed) = oneshot::channel();
         let sent = self.barriers.try_send(Barrier { done }).is_ok();
         let passed = sent
             && tokio::select! {
                 _ = cancel.cancelled() => false,
-                r = tokio::time::timeout(BARRIER_TIMEOUT, passed) => matches!(r, Ok(Ok(()))),
+                r = tokio::time::timeout_at(
+                    deadline.min(tokio::time::Instant::now() + BARRIER_TIMEOUT),
+                    passed,
+                ) => matches!(r, Ok(Ok(()))),
             };
         let positions = if passed {
             self.read_positions(&acquired).await
