@@ -37,6 +37,8 @@ const SUBSCRIPTION_QUEUE: usize = 4096;
 const SUBSCRIPTION_BATCH: usize = 512;
 const HEALTH_PERIOD: Duration = Duration::from_secs(1);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+/// Further PINGs (each to a random node) before a Redis Cluster counts as unreachable.
+const CLUSTER_PING_ATTEMPTS: usize = 3;
 /// Channels waiting for a history read (a channel is queued at most once at a time).
 const REPAIR_QUEUE: usize = 65_536;
 /// History reads under way at once after a reconnect (one per channel).
@@ -387,6 +389,16 @@ impl RedisBus {
                 }
             };
             let mut up = ping(&commands).await;
+            if !up && commands.is_cluster() {
+                // A PING goes to a random node: one dead master (until its replica takes
+                // over) must not make the whole bus look down every other second.
+                for _ in 0..CLUSTER_PING_ATTEMPTS {
+                    if ping(&commands).await {
+                        up = true;
+                        break;
+                    }
+                }
+            }
             if let Some(pubsub) = &pubsub {
                 up = up && ping(&RedisConnection::Single(pubsub.clone())).await;
             }
