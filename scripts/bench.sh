@@ -9,6 +9,12 @@
 #                 debug build, `loadtest --check` (fails on a failed connection, a lost or
 #                 duplicated publication, or a step that delivered nothing)
 #   --debug       debug builds (default: release, which is what figures must come from)
+#   --target socketio
+#                 the baseline instead of pgfanout: 2 Socket.IO servers with the Redis
+#                 adapter (loadtest/baselines/socketio) on the same Redis; only
+#                 scenarios that publish through the API (or not at all) apply
+#   --perf        record the nodes with `perf record -g` while the scenarios run; writes
+#                 DIR/perf.data and the top frames to DIR/perf-top.txt
 #   --out DIR     where results go (default .tmp/bench): DIR/results.csv and .json
 #   -- ARGS       passed to `loadtest run` (e.g. -- --set duration=\"5s\")
 #
@@ -29,6 +35,8 @@ die() {
 }
 
 smoke=0
+perf=0
+target=pgfanout
 profile=release
 out=$ROOT/.tmp/bench
 scenarios=()
@@ -40,6 +48,12 @@ while (($#)); do
       profile=debug
       ;;
     --debug) profile=debug ;;
+    --perf) perf=1 ;;
+    --target)
+      target=$2
+      [[ $target == pgfanout || $target == socketio ]] || die "--target pgfanout|socketio"
+      shift
+      ;;
     --out)
       out=$2
       shift
@@ -150,9 +164,25 @@ port=$(free_port "${BENCH_PORT:-18400}")
 urls=()
 api_urls=()
 letters=abcdefghijklmnopqrstuvwxyz
+if [[ $target == socketio ]]; then
+  (cd loadtest/baselines/socketio && [[ -d node_modules ]] || npm ci --no-audit --no-fund --loglevel=error >&2)
+fi
 for ((i = 0; i < nodes; i++)); do
   port=$(free_port "$port")
   id="bench-${letters:i:1}"
+  if [[ $target == socketio ]]; then
+    PORT=$port REDIS_URL="$redis_url" API_KEY=bench-api-key-0123456789 \
+      node loadtest/baselines/socketio/server.js >"$run_dir/$id.log" 2>&1 &
+    pids+=($!)
+    urls+=("\"ws://127.0.0.1:$port/socket.io/?EIO=4&transport=websocket\"")
+    api_urls+=("\"http://127.0.0.1:$port/api/publish\"")
+    for _ in $(seq 100); do
+      curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$port/ready" 2>/dev/null && break
+      sleep 0.1
+    done
+    port=$((port + 1))
+    continue
+  fi
   # shellcheck disable=SC2086 # BENCH_NODE_ENV is a list of words on purpose.
   env PGFANOUT_LISTEN="127.0.0.1:$port" PGFANOUT_NODE_ID="$id" \
     PGFANOUT_DATABASE_URL="$db_url" PGFANOUT_REDIS_URL="$redis_url" \
@@ -172,7 +202,7 @@ for ((i = 0; i < nodes; i++)); do
   curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$port/ready" || { cat "$run_dir/$id.log" >&2; die "$id not ready"; }
   port=$((port + 1))
 done
-say "cluster up: ${nodes} nodes (pids ${pids[*]}), redis $redis_url (pids $redis_pid${cluster_pids[*]}), database $db_name"
+say "cluster up ($target): ${nodes} nodes (pids ${pids[*]}), redis $redis_url (pids $redis_pid${cluster_pids[*]}), database $db_name"
 
 join() {
   local IFS=,
@@ -185,6 +215,7 @@ args=(run loadtest/scenarios.toml
   --json "$out/results.json" --csv "$out/results.csv")
 for pid in "${pids[@]}"; do args+=(--node-pid "$pid"); done
 for pid in $redis_pid "${cluster_pids[@]}"; do args+=(--redis-pid "$pid"); done
+[[ $target == socketio ]] && args+=(--set 'protocol="socketio"')
 if ((${#scenarios[@]})); then
   for s in "${scenarios[@]}"; do args+=(--only "$s"); done
 else
@@ -192,8 +223,20 @@ else
     args+=(--only "$s")
   done
 fi
+perf_pid=''
+if ((perf)); then
+  perf record -q -F 999 -g -o "$out/perf.data" -p "$(IFS=,; printf '%s' "${pids[*]}")" 2>"$run_dir/perf.log" &
+  perf_pid=$!
+fi
 status=0
 "$bin_dir/loadtest" "${args[@]}" "${extra[@]}" || status=$?
+if [[ -n $perf_pid ]]; then
+  kill -INT "$perf_pid" 2>/dev/null || true
+  wait "$perf_pid" 2>/dev/null || true
+  perf report -i "$out/perf.data" --no-children --percent-limit 0.7 --stdio -g none \
+    --sort dso,symbol 2>/dev/null | grep -v '^#' | grep -v '^$' >"$out/perf-top.txt" || true
+  say "profile: $out/perf-top.txt"
+fi
 for ((i = 0; i < nodes; i++)); do
   if grep -qiE 'panic|ERROR' "$run_dir/bench-${letters:i:1}.log"; then
     say "node bench-${letters:i:1} logged errors:"

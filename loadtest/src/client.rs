@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::payload;
+use crate::scenario::Protocol;
 use crate::stats::Stats;
 
 /// What one connection needs to start.
@@ -25,6 +26,7 @@ pub struct Plan {
     /// Indices of `channels` (as in the payload's `c`).
     pub channel_ids: Vec<u32>,
     pub timeout: Duration,
+    pub protocol: Protocol,
 }
 
 /// Small buffers: the tool holds as many idle sockets as the gateway does.
@@ -97,6 +99,9 @@ pub async fn connect(url: &str, source: Option<Ipv4Addr>) -> anyhow::Result<Ws> 
 /// Connects and subscribes; returns the socket once every subscribe is answered.
 async fn open(plan: &Plan) -> anyhow::Result<Ws> {
     let mut ws = connect(&plan.url, plan.source).await?;
+    if plan.protocol == Protocol::Socketio {
+        return open_socketio(ws, plan).await;
+    }
     let mut frame = String::from(r#"{"id":1,"connect":{"name":"loadtest"}}"#);
     for (i, channel) in plan.channels.iter().enumerate() {
         frame.push_str(&format!(
@@ -124,6 +129,54 @@ async fn open(plan: &Plan) -> anyhow::Result<Ws> {
                 }
                 answered += 1;
             }
+        }
+    }
+    Ok(ws)
+}
+
+/// The next text frame, or why there is none.
+async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
+    loop {
+        match ws
+            .next()
+            .await
+            .ok_or_else(|| anyhow!("closed during connect"))??
+        {
+            Message::Text(text) => return Ok(text.as_str().to_owned()),
+            Message::Close(frame) => bail!("closed during connect: {frame:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Engine.IO open (`0{…}`) → namespace connect (`40`) → one `subscribe` event with an
+/// ack per channel (`42<id>[…]` answered by `43<id>[…]`).
+async fn open_socketio(mut ws: Ws, plan: &Plan) -> anyhow::Result<Ws> {
+    let open = next_text(&mut ws).await?;
+    if !open.starts_with('0') {
+        bail!("expected an Engine.IO open packet, got {open}");
+    }
+    ws.send(Message::text("40")).await?;
+    loop {
+        let text = next_text(&mut ws).await?;
+        if text.starts_with("40") {
+            break;
+        }
+        if text.starts_with("44") {
+            bail!("namespace refused: {text}");
+        }
+    }
+    for (i, channel) in plan.channels.iter().enumerate() {
+        ws.send(Message::text(format!("42{i}[\"subscribe\",\"{channel}\"]")))
+            .await?;
+    }
+    let mut answered = 0;
+    while answered < plan.channels.len() {
+        let text = next_text(&mut ws).await?;
+        if text.starts_with("43") {
+            answered += 1;
+        } else if text == "2" {
+            ws.send(Message::text("3")).await?;
         }
     }
     Ok(ws)
@@ -224,6 +277,11 @@ pub async fn run(
         }
     };
     let mut seen = Seen::new(plan.channel_ids);
+    // What a server heartbeat looks like, and our answer.
+    let (ping, pong_text) = match plan.protocol {
+        Protocol::Centrifugo => (&b"{}"[..], "{}"),
+        Protocol::Socketio => (&b"2"[..], "3"),
+    };
     drop(plan.channels);
     loop {
         tokio::select! {
@@ -244,14 +302,14 @@ pub async fn run(
                     let mut s = stats.borrow_mut();
                     s.bytes += text.len() as u64;
                     for line in text.as_bytes().split(|&b| b == b'\n') {
-                        if line == b"{}" {
+                        if line == ping {
                             pong = true;
                         } else if let Some(d) = payload::decode(line) {
                             seen.record(d, &mut s);
                         }
                     }
                 }
-                if pong && ws.send(Message::text("{}")).await.is_err() {
+                if pong && ws.send(Message::text(pong_text)).await.is_err() {
                     return;
                 }
             }

@@ -182,6 +182,7 @@ fn plan(s: &Scenario, conn: usize) -> Plan {
         channels: channel_ids.iter().map(|&c| s.channel_name(c)).collect(),
         channel_ids,
         timeout: s.connect_timeout,
+        protocol: s.protocol,
     }
 }
 

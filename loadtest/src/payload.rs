@@ -31,13 +31,16 @@ pub struct Delivered {
     pub ts: u64,
 }
 
-/// Reads one line of a server frame: `Some` for a `pub` push carrying our payload.
+/// Reads one line of a server frame: `Some` for a `pub` push carrying our payload (a
+/// Centrifugo push, or a Socket.IO `pub` event for the baseline).
 pub fn decode(line: &[u8]) -> Option<Delivered> {
-    if !line.starts_with(b"{\"push\"") {
+    let line = if line.starts_with(b"{\"push\"") {
+        &line[find(line, b"\"pub\":")?..]
+    } else if line.starts_with(b"42[\"pub\",") {
+        line
+    } else {
         return None;
-    }
-    let data = find(line, b"\"pub\":")?;
-    let line = &line[data..];
+    };
     Some(Delivered {
         channel: u32::try_from(number_after(line, b"\"c\":")?).ok()?,
         seq: number_after(line, b"\"s\":")?,
@@ -97,6 +100,19 @@ mod tests {
                 channel: 3,
                 seq: 17,
                 ts: 99
+            })
+        );
+    }
+
+    #[test]
+    fn reads_a_socketio_event() {
+        let line = br#"42["pub",{"c":1,"s":2,"t":3,"p":"x"}]"#;
+        assert_eq!(
+            decode(line),
+            Some(Delivered {
+                channel: 1,
+                seq: 2,
+                ts: 3
             })
         );
     }

@@ -24,6 +24,17 @@ pub enum PublishMode {
     Client,
 }
 
+/// What the clients speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// pgfanout's: the Centrifugo client protocol v2, JSON.
+    Centrifugo,
+    /// Socket.IO v4 over a WebSocket (Engine.IO 4), for the baseline in
+    /// `loadtest/baselines/socketio`: `subscribe` events with an ack, `pub` events.
+    Socketio,
+}
+
 /// How connections pick their channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -44,6 +55,7 @@ pub struct Scenario {
     /// Use only the first this many of `urls` and `api_urls` (0: all), e.g. 1 to load
     /// one node.
     pub nodes: usize,
+    pub protocol: Protocol,
     /// Client connections to open.
     pub connections: usize,
     /// New connections per second while opening (0: all at once).
@@ -98,6 +110,7 @@ impl Default for Scenario {
             name: String::new(),
             urls: vec!["ws://127.0.0.1:8000/connection/websocket".into()],
             nodes: 0,
+            protocol: Protocol::Centrifugo,
             connections: 100,
             ramp: 1000.0,
             channels: 1,
