@@ -26,8 +26,11 @@ use crate::health::{DependencyState, Health};
 use crate::session;
 
 /// Read buffer per connection: small, because most connections are idle (tungstenite's
-/// default of 128 KiB would dominate memory per connection).
-const READ_BUFFER: usize = 4 * 1024;
+/// default of 128 KiB would dominate memory per connection). Client frames are small
+/// (commands, pongs); a larger one is read in several calls into a buffer reserved for
+/// its length. tungstenite also zero-fills up to this much before every read attempt,
+/// which happens on every wake-up of the session, so small is cheaper on the hot path too.
+const READ_BUFFER: usize = 512;
 /// Bytes buffered before a write goes to the socket; we flush after each batch anyway.
 const WRITE_BUFFER: usize = 8 * 1024;
 /// A peer that does not read cannot make us buffer more than this.

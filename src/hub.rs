@@ -65,9 +65,14 @@ impl Kick {
 }
 
 /// The hub's view of a session: where to put its messages and how to kick it.
+///
+/// The queue carries `Arc<Outbound>`: one allocation per publication shared by every
+/// subscriber (one reference count per delivery instead of three), and 8-byte slots, so
+/// the queue's first block (32 slots, allocated with the channel) costs 256 bytes per
+/// idle connection instead of ~2.8 KiB.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
-    pub tx: mpsc::Sender<Outbound>,
+    pub tx: mpsc::Sender<Arc<Outbound>>,
     pub kick: Kick,
 }
 
@@ -144,7 +149,7 @@ impl Hub {
             ),
             position_only: false,
         };
-        let delivered = fan_out(sessions.values(), &out);
+        let delivered = fan_out(sessions.values(), &Arc::new(out));
         drop(sessions);
         metrics::counter!(m::MESSAGES_DELIVERED).increment(delivered);
     }
@@ -164,13 +169,13 @@ impl Hub {
             frame: Bytes::new(),
             position_only: true,
         };
-        fan_out(sessions.values(), &out);
+        fan_out(sessions.values(), &Arc::new(out));
     }
 }
 
 /// Queues `out` to every session without waiting; a full queue kicks that session as slow.
 /// Returns how many were queued.
-fn fan_out<'a>(sessions: impl Iterator<Item = &'a SessionHandle>, out: &Outbound) -> u64 {
+fn fan_out<'a>(sessions: impl Iterator<Item = &'a SessionHandle>, out: &Arc<Outbound>) -> u64 {
     let (mut delivered, mut dropped) = (0u64, 0u64);
     for handle in sessions {
         match handle.tx.try_send(out.clone()) {
@@ -203,7 +208,7 @@ mod tests {
         }
     }
 
-    fn session(cap: usize) -> (SessionHandle, mpsc::Receiver<Outbound>) {
+    fn session(cap: usize) -> (SessionHandle, mpsc::Receiver<Arc<Outbound>>) {
         let (tx, rx) = mpsc::channel(cap);
         (
             SessionHandle {

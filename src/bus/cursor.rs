@@ -312,7 +312,7 @@ mod tests {
     struct Fixture {
         cursors: Cursors,
         repairs: mpsc::Receiver<Arc<str>>,
-        session: mpsc::Receiver<Outbound>,
+        session: mpsc::Receiver<Arc<Outbound>>,
     }
 
     fn fixture() -> Fixture {

@@ -219,7 +219,7 @@ impl Session {
         &mut self,
         sink: &mut W,
         stream: &mut R,
-        mut outbound: mpsc::Receiver<Outbound>,
+        mut outbound: mpsc::Receiver<Arc<Outbound>>,
         kick: &Kick,
         shutdown: &CancellationToken,
     ) -> End
@@ -249,6 +249,10 @@ impl Session {
         let expiry = sleep(Duration::MAX / 4);
         tokio::pin!(expiry);
         let mut expiry_armed = false;
+        // One kick watch for the whole session: creating it per loop turn registered and
+        // removed a waiter under the token's lock on every wake-up.
+        let kicked = kick.fired();
+        tokio::pin!(kicked);
 
         loop {
             if late && self.client.is_some() {
@@ -261,7 +265,7 @@ impl Session {
                 }
             }
             tokio::select! {
-                code = kick.fired() => return End::Disconnect(code),
+                code = &mut kicked => return End::Disconnect(code),
                 () = &mut drain => return End::Disconnect(DisconnectCode::Shutdown),
                 () = &mut connect_deadline, if self.client.is_none() => return End::Disconnect(DisconnectCode::Stale),
                 () = &mut pong_deadline, if awaiting_pong => return End::Disconnect(DisconnectCode::NoPong),
@@ -325,8 +329,8 @@ impl Session {
     async fn write_publications<W, E>(
         &mut self,
         sink: &mut W,
-        first: Outbound,
-        outbound: &mut mpsc::Receiver<Outbound>,
+        first: Arc<Outbound>,
+        outbound: &mut mpsc::Receiver<Arc<Outbound>>,
     ) -> Result<(), End>
     where
         W: Sink<Message, Error = E> + Unpin,
@@ -345,7 +349,7 @@ impl Session {
                         if out.ts > 0 {
                             oldest = oldest.min(out.ts);
                         }
-                        Utf8Bytes::try_from(out.frame).unwrap_or_default()
+                        Utf8Bytes::try_from(out.frame.clone()).unwrap_or_default()
                     }
                     subscriptions::Accepted::Resubscribe(push) => {
                         Utf8Bytes::try_from(push).unwrap_or_default()
@@ -461,6 +465,12 @@ async fn guarded<F>(kick: &Kick, limit: Duration, write: F) -> Result<(), End>
 where
     F: std::future::Future<Output = Result<(), End>>,
 {
+    // Most writes complete at once (the socket has room): only a write that has to wait
+    // pays for the kick watch and the timer.
+    let mut write = std::pin::pin!(write);
+    if let Some(result) = futures_util::FutureExt::now_or_never(write.as_mut()) {
+        return result;
+    }
     tokio::select! {
         biased;
         code = kick.fired() => Err(End::Disconnect(code)),
