@@ -69,6 +69,10 @@ pub async fn run(s: &Scenario, rate: f64, seqs: &mut [u64]) -> anyhow::Result<Pu
             ((rate * elapsed.as_secs_f64()) as u64 + 1).min(cap)
         };
         while handed < due {
+            // Publishers that fall behind must not stretch the step past its duration.
+            if start.elapsed() >= s.duration {
+                break;
+            }
             let c = (handed % u64::from(k)) as u32;
             seqs[c as usize] += 1;
             let data = payload::encode(c, seqs[c as usize], payload::now_micros(), s.payload_bytes);
