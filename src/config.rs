@@ -857,6 +857,26 @@ mod tests {
     }
 
     #[test]
+    fn a_redis_cluster_is_named_by_its_seed_urls() {
+        let c = parse(&[
+            "--redis-cluster",
+            "true",
+            "--redis-url",
+            "redis://a:7000, redis://b:7001",
+        ])
+        .unwrap();
+        assert!(c.redis_cluster);
+        let e = parse(&["--redis-cluster", "true"]).unwrap_err();
+        assert!(e.to_string().contains("PGFANOUT_REDIS_CLUSTER"), "{e}");
+        let e = parse(&["--redis-cluster", "true", "--redis-url", " , "]).unwrap_err();
+        assert!(e.to_string().contains("PGFANOUT_REDIS_URL"), "{e}");
+        let e = parse(&["--redis-cluster", "true", "--redis-url", "redis://a:1,nope"]).unwrap_err();
+        assert!(e.to_string().contains("PGFANOUT_REDIS_URL"), "{e}");
+        // Without the flag a comma is just part of one (invalid) URL.
+        assert!(parse(&["--redis-url", "redis://a:1,redis://b:2"]).is_err());
+    }
+
+    #[test]
     fn the_demo_is_off_by_default_and_needs_a_database() {
         let c = parse(&[]).unwrap();
         assert!(!c.demo);
