@@ -315,3 +315,73 @@ async fn produce(url: String) -> anyhow::Result<(u64, Duration)> {
     }
     Ok((NOTIFICATIONS, started.elapsed()))
 }
+
+/// A node that joins during bursts of thousands of notifications per transaction aligns its
+/// stream, takes its share of the shards, and the handovers in the middle of the bursts lose
+/// and repeat nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joining_during_bursts_aligns_and_the_handover_is_exact() -> anyhow::Result<()> {
+    const BURSTS: u64 = 20;
+    const PER_BURST: u64 = 2_000;
+    let env = [
+        ("PGFANOUT_LEASE_TTL", LEASE_TTL),
+        ("PGFANOUT_HISTORY_SIZE", "100000"),
+        ("PGFANOUT_RECOVERY_MAX_PUBLICATIONS", "100000"),
+    ];
+    let channels: Vec<String> = CHANNELS.iter().map(|c| c.to_string()).collect();
+    let cluster = Cluster::start_with(1, &CHANNELS, true, &env).await;
+    cluster.wait_bridged().await?;
+    let follower = Follower::start(vec![cluster.node().ws_url()], 0, channels).await?;
+    let total = BURSTS * PER_BURST;
+    let reader = tokio::spawn(follower.run((total / CHANNELS.len() as u64) as usize));
+
+    let url = cluster.db.url().to_string();
+    let producer = tokio::spawn(async move {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        for burst in 0..BURSTS {
+            let first = burst * PER_BURST;
+            client
+                .batch_execute(&format!(
+                    "SELECT pg_notify((ARRAY['{}','{}','{}','{}'])[i % 4 + 1], \
+                                      json_build_object('seq', i)::text) \
+                     FROM generate_series({first}, {}) AS i",
+                    CHANNELS[0],
+                    CHANNELS[1],
+                    CHANNELS[2],
+                    CHANNELS[3],
+                    first + PER_BURST - 1
+                ))
+                .await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok(())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut joiner = common::Node::builder()
+        .node_id("joiner")
+        .database(&cluster.db)
+        .redis(cluster.redis.as_ref().context("redis")?)
+        .channels(&CHANNELS);
+    for (key, value) in env {
+        joiner = joiner.env(key, value);
+    }
+    let joiner = joiner.start().await;
+    joiner.wait_ready(Duration::from_secs(20)).await?;
+    producer.await??;
+    common::cluster::wait_all_shards_owned(&[cluster.node(), &joiner], cluster.shards).await?;
+    let joined = joiner.metric_sum("pgfanout_ingest_shards_owned").await?;
+    assert!(joined >= 1.0, "the joiner took no shard");
+
+    let received = reader.await??;
+    let mut problems = Vec::new();
+    for (i, channel) in CHANNELS.iter().enumerate() {
+        let want: Vec<Value> = (0..total)
+            .filter(|seq| seq % CHANNELS.len() as u64 == i as u64)
+            .map(|seq| serde_json::json!({ "seq": seq }))
+            .collect();
+        problems.extend(check("follower", channel, &received[*channel], &want));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    Ok(())
+}

@@ -18,6 +18,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{AsyncMessage, NoTls, Notification};
@@ -148,7 +150,13 @@ impl Ingest {
         // Positions start at our first marker: we are listening before it is sent, so
         // everything after it in the server's order reaches us.
         let mut pending: HashMap<String, Vec<oneshot::Sender<()>>> = HashMap::new();
-        let first_marker = self.send_marker(&client, markers).await?;
+        // Queries run beside the reading of notifications, never awaited in line: the
+        // connection's driver stops reading the socket (query replies included) while the
+        // notification queue is full, which only this loop empties.
+        let mut queries: FuturesUnordered<BoxFuture<'_, Result<(), IngestError>>> =
+            FuturesUnordered::new();
+        let first_marker = self.next_marker(markers);
+        queries.push(send_marker(&client, first_marker.clone()));
         *delay = Duration::from_millis(100);
         tracing::info!(channels = ?self.channels, "listening on postgres");
 
@@ -181,33 +189,31 @@ impl Ingest {
                     }
                 },
                 Some(barrier) = recv_barrier(barriers) => {
-                    let id = self.send_marker(&client, markers).await?;
-                    pending.entry(id).or_default().push(barrier.done);
+                    let id = self.next_marker(markers);
+                    pending.entry(id.clone()).or_default().push(barrier.done);
+                    queries.push(send_marker(&client, id));
                 }
+                Some(result) = queries.next(), if !queries.is_empty() => result?,
                 _ = liveness.tick() => {
                     let bytes = self.shared.lock().buffered_bytes();
                     metrics::gauge!(m::INGEST_BUFFER_BYTES).set(bytes as f64);
-                    match tokio::time::timeout(LIVENESS_TIMEOUT, client.simple_query("SELECT 1")).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return Err(e.into()),
-                        Err(_) => return Err(IngestError::Timeout),
-                    }
+                    let probe = tokio::time::timeout(LIVENESS_TIMEOUT, client.simple_query("SELECT 1"));
+                    queries.push(Box::pin(async move {
+                        match probe.await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(e)) => Err(e.into()),
+                            Err(_) => Err(IngestError::Timeout),
+                        }
+                    }));
                 }
             }
         }
     }
 
-    async fn send_marker(
-        &self,
-        client: &tokio_postgres::Client,
-        markers: &mut u64,
-    ) -> Result<String, IngestError> {
+    /// A new marker id, unique to this process.
+    fn next_marker(&self, markers: &mut u64) -> String {
         *markers += 1;
-        let id = format!("{}:{:x}", self.instance, *markers);
-        client
-            .execute("SELECT pg_notify($1, $2)", &[&MARKER_CHANNEL, &id])
-            .await?;
-        Ok(id)
+        format!("{}:{:x}", self.instance, *markers)
     }
 
     /// Buffers one notification; an owner whose bridge is behind by a full buffer waits
@@ -236,6 +242,19 @@ impl Ingest {
             }
         }
     }
+}
+
+/// Sends marker `id` through Postgres (see [`stream`]).
+fn send_marker(
+    client: &tokio_postgres::Client,
+    id: String,
+) -> BoxFuture<'_, Result<(), IngestError>> {
+    Box::pin(async move {
+        client
+            .execute("SELECT pg_notify($1, $2)", &[&MARKER_CHANNEL, &id])
+            .await?;
+        Ok(())
+    })
 }
 
 async fn recv_barrier(barriers: &mut Option<mpsc::Receiver<Barrier>>) -> Option<Barrier> {
