@@ -7,7 +7,9 @@
 #    cargo-nextest, SDK test packages) and exports PGFANOUT_TEST_DATABASE_URL.
 # 2. cargo fmt --check, cargo clippy -D warnings (every workspace member).
 # 3. Extra suites that exist: scripts/check-helm.sh; the load tool's smoke run
-#    (scripts/bench.sh --smoke: 300 connections, a few seconds).
+#    (scripts/bench.sh --smoke: 300 connections, a few seconds); the fuzz targets
+#    (scripts/fuzz.sh, FUZZ_SECONDS each, default 60; 0 skips) when cargo-fuzz and a
+#    nightly toolchain are installed.
 # 4. cargo nextest run (profile `ci` when CI=true: no retries, no fail-fast, hung tests
 #    killed after 120 s; see .config/nextest.toml).
 # Every step runs even after a failure; a summary follows; the exit status is non-zero
@@ -63,6 +65,15 @@ else
 fi
 # The load tool against a 2-node cluster for a few seconds, so it cannot rot (not a benchmark).
 step smoke bash scripts/bench.sh --smoke --out "$ROOT/.tmp/bench-smoke"
+fuzz_seconds=${FUZZ_SECONDS:-60}
+if ((fuzz_seconds == 0)); then
+  skip fuzz "FUZZ_SECONDS=0"
+elif command -v cargo-fuzz >/dev/null 2>&1 && command -v rustup >/dev/null 2>&1 &&
+  rustup run nightly rustc --version >/dev/null 2>&1; then
+  step fuzz bash scripts/fuzz.sh "$fuzz_seconds"
+else
+  skip fuzz "cargo-fuzz or a nightly toolchain not installed"
+fi
 # Last, so its closing line is the last test summary in the log.
 step nextest cargo nextest run "${cargo_flags[@]}" --workspace --profile "$profile" --no-fail-fast "$@"
 
