@@ -31,6 +31,7 @@ mod recovery_history;
 mod redis_backfill;
 mod redis_cluster;
 mod redis_outage;
+mod rolling_restart;
 mod sdk_conformance;
 mod sdk_js_resume;
 mod slow_consumers;
