@@ -294,6 +294,11 @@ fn start_ingest(
     // Unique per process, so a restarted node never takes its predecessor's leases or
     // markers for its own.
     let instance = format!("{}-{:08x}", config.node_id(), rand::random::<u32>());
+    // With leases, the bridges stop only after the leases are handed off (see Leases).
+    let bridges = match bus {
+        Bus::Redis(_) => CancellationToken::new(),
+        Bus::Memory(_) => stage.cancel.clone(),
+    };
     let barriers = match bus {
         Bus::Redis(redis) => {
             let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -303,6 +308,8 @@ fn start_ingest(
                 ttl: config.lease_ttl,
                 shared: shared.clone(),
                 barriers: tx,
+                bridges: bridges.clone(),
+                unplaceable_since: Default::default(),
             };
             stage.spawn(leases.run(stage.cancel.clone()));
             Some(rx)
@@ -314,7 +321,7 @@ fn start_ingest(
             shard,
             shared.clone(),
             bus.clone(),
-            stage.cancel.clone(),
+            bridges.clone(),
         ));
     }
     let ingest = ingest::Ingest {

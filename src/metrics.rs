@@ -32,6 +32,7 @@ pub const INGEST_TAKEOVERS: &str = "pgfanout_ingest_takeovers_total";
 pub const INGEST_REPUBLISHED: &str = "pgfanout_ingest_republished_total";
 pub const INGEST_DUPLICATES: &str = "pgfanout_ingest_duplicates_dropped_total";
 pub const INGEST_LOST: &str = "pgfanout_ingest_lost_total";
+pub const INGEST_BLIND_TAKEOVERS: &str = "pgfanout_ingest_blind_takeovers_total";
 pub const INGEST_BUFFER_BYTES: &str = "pgfanout_ingest_buffer_bytes";
 pub const RECOVERIES_ATTEMPTED: &str = "pgfanout_recoveries_attempted_total";
 pub const RECOVERIES_SUCCEEDED: &str = "pgfanout_recoveries_succeeded_total";
@@ -142,6 +143,11 @@ fn describe() {
     describe_counter!(
         INGEST_LOST,
         "Notifications a takeover found missing from the bus and no longer buffered here"
+    );
+    describe_counter!(
+        INGEST_BLIND_TAKEOVERS,
+        "Shards taken over without their recorded position (no live node had listened long \
+         enough): what the previous owner left unpublished may be lost"
     );
     describe_gauge!(
         INGEST_BUFFER_BYTES,
@@ -269,6 +275,7 @@ pub fn register() {
         metrics::counter!(INGEST_DUPLICATES, "path" => path).absolute(0);
     }
     metrics::counter!(INGEST_LOST).absolute(0);
+    metrics::counter!(INGEST_BLIND_TAKEOVERS).absolute(0);
     metrics::gauge!(INGEST_BUFFER_BYTES).set(0.0);
     metrics::gauge!(OUTBOX_PARTITIONS_OWNED).set(0.0);
     metrics::counter!(RECOVERIES_ATTEMPTED).absolute(0);

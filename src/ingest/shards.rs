@@ -149,11 +149,18 @@ pub struct Leases {
     pub ttl: Duration,
     pub shared: Arc<Shared>,
     pub barriers: mpsc::Sender<Barrier>,
+    /// Stops the shard bridges: cancelled once every lease is handed off (or this task
+    /// ends some other way), so a draining node publishes its backlog before it lets go.
+    pub bridges: CancellationToken,
+    /// Per shard: since when it came to us with a recorded position older than our stream
+    /// (see [`Leases::take_over`]).
+    pub unplaceable_since: Mutex<Vec<Option<tokio::time::Instant>>>,
 }
 
 impl Leases {
     /// Heartbeats, claims and takes over until cancelled, then releases every lease.
     pub async fn run(self, cancel: CancellationToken) {
+        let _stop_bridges = self.bridges.clone().drop_guard();
         let claim = Script::new(CLAIM);
         let shards = self.shared.lock().shard_count();
         let first = (fnv1a(self.instance.as_bytes()) % shards as u64).to_string();
@@ -320,6 +327,10 @@ impl Leases {
             return;
         };
         for ((shard, token), recorded) in acquired.into_iter().zip(positions) {
+            if !self.may_take(shard, recorded.as_ref()) {
+                self.release(shard, &token).await;
+                continue;
+            }
             let report = self
                 .shared
                 .lock()
@@ -339,6 +350,42 @@ impl Leases {
             metrics::counter!(m::INGEST_LOST).increment(report.lost);
             self.shared.work[shard].notify_one();
         }
+    }
+
+    /// A node that cannot place the recorded position (it started listening after the
+    /// previous owner's last publication) lacks whatever that owner left unpublished before
+    /// our first marker; a longer-listening node has it. So leave the shard to the others
+    /// for one TTL, and take it only if it is still ours to take after that (no live node
+    /// could place it either), warning that notifications may be lost.
+    fn may_take(&self, shard: usize, recorded: Option<&Position>) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut since = self
+            .unplaceable_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if since.len() <= shard {
+            since.resize(shard + 1, None);
+        }
+        if self.shared.lock().can_place(recorded) {
+            since[shard] = None;
+            return true;
+        }
+        let first = *since[shard].get_or_insert(now);
+        if now.duration_since(first) < self.ttl {
+            tracing::info!(
+                shard,
+                "leaving the shard to a node that saw its recorded position"
+            );
+            return false;
+        }
+        since[shard] = None;
+        tracing::warn!(
+            shard,
+            "taking the shard over without its recorded position (no live node had it): \
+             notifications the previous owner left unpublished may be lost"
+        );
+        metrics::counter!(m::INGEST_BLIND_TAKEOVERS).increment(1);
+        true
     }
 
     async fn read_positions(&self, acquired: &[(usize, String)]) -> Option<Vec<Option<Position>>> {
@@ -369,7 +416,23 @@ impl Leases {
             tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async::<i64>(&mut conn)).await;
     }
 
+    /// Hands every lease off: first waits (a third of the TTL at most, all shards at once)
+    /// until the bridges published what this node received, so the next owner does not
+    /// depend on having seen that backlog itself (it may have joined a moment ago).
     async fn release_all(&self) {
+        let still_bridging = CancellationToken::new();
+        let shards = self.shared.lock().shard_count();
+        let flushed = futures_util::future::join_all(
+            (0..shards).map(|shard| self.caught_up(shard, &still_bridging)),
+        )
+        .await;
+        let behind = flushed.iter().filter(|done| !**done).count();
+        if behind > 0 {
+            tracing::warn!(
+                shards = behind,
+                "handing off shards with notifications not yet published"
+            );
+        }
         let held: Vec<(usize, Arc<str>)> = {
             let mut state = self.shared.lock();
             let held = (0..state.shard_count())

@@ -244,6 +244,13 @@ impl StreamState {
         }
     }
 
+    /// Whether this connection can place `recorded` in its stream: nothing was recorded, or
+    /// it saw the record's marker. When it cannot, what the previous owner had not bridged
+    /// before this connection's first marker is in no buffer here.
+    pub fn can_place(&self, recorded: Option<&Position>) -> bool {
+        recorded.is_none_or(|p| self.markers.iter().any(|m| m.id == p.marker))
+    }
+
     /// Takes `shard` over with lease `token`, given the position the bus recorded for it
     /// (`None`: nothing recorded). The caller made sure this connection has seen a marker
     /// sent after the lease was acquired, so everything the previous owner bridged is in
