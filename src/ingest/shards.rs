@@ -44,24 +44,30 @@ pub mod keys {
     pub fn position(shard: usize) -> String {
         format!("pgfanout:{{ingest}}:pos:{shard}")
     }
+    /// Set (to its instance) by a node that left the shard to a longer-listening node: any
+    /// other node may then take it beyond its fair share.
+    pub fn deferred(shard: usize) -> String {
+        format!("pgfanout:{{ingest}}:defer:{shard}")
+    }
 }
 
-/// Heartbeat, renew, acquire up to the fair share; returns {live, share, token per shard}.
+/// Heartbeat, renew, acquire up to the fair share (and deferred shards beyond it); returns
+/// {live, share, deferred shards acquired, token per shard}.
 const CLAIM: &str = r#"
--- KEYS[1] live nodes, KEYS[2..] shard leases. ARGV: instance, ttl ms, claim (1/0),
--- nonce, first shard to try.
+-- KEYS[1] live nodes, KEYS[2..n+1] shard leases, KEYS[n+2..2n+1] deferral flags.
+-- ARGV: instance, ttl ms, claim (1/0), nonce, first shard to try.
 local ttl = tonumber(ARGV[2])
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix = ARGV[1] .. ":"
-local shards = #KEYS - 1
-local out = {0, 0}
+local shards = (#KEYS - 1) / 2
+local out = {0, 0, 0}
 if ARGV[3] ~= "1" then
   redis.call("ZREM", KEYS[1], ARGV[1])
-  for i = 2, #KEYS do
+  for i = 2, shards + 1 do
     local v = redis.call("GET", KEYS[i])
     if v and string.sub(v, 1, #prefix) == prefix then redis.call("DEL", KEYS[i]) end
-    out[i + 1] = ""
+    out[i + 2] = ""
   end
   return out
 end
@@ -71,30 +77,36 @@ redis.call("PEXPIRE", KEYS[1], ttl * 4)
 local live = redis.call("ZCARD", KEYS[1])
 local share = math.ceil(shards / live)
 local held = 0
-for i = 2, #KEYS do
+for i = 2, shards + 1 do
   local v = redis.call("GET", KEYS[i])
   if v and string.sub(v, 1, #prefix) == prefix then
     redis.call("PEXPIRE", KEYS[i], ttl)
     held = held + 1
-    out[i + 1] = v
+    out[i + 2] = v
   else
-    out[i + 1] = ""
+    out[i + 2] = ""
   end
 end
+local extra = 0
 local first = tonumber(ARGV[5])
 for j = 0, shards - 1 do
-  if held >= share then break end
   local i = ((first + j) % shards) + 2
-  if out[i + 1] == "" then
-    local token = prefix .. ARGV[4] .. ":" .. (i - 2)
-    if redis.call("SET", KEYS[i], token, "NX", "PX", ttl) then
-      held = held + 1
-      out[i + 1] = token
+  if out[i + 2] == "" then
+    local deferred_by = redis.call("GET", KEYS[i + shards])
+    local beyond = deferred_by and deferred_by ~= ARGV[1]
+    if held < share or beyond then
+      local token = prefix .. ARGV[4] .. ":" .. (i - 2)
+      if redis.call("SET", KEYS[i], token, "NX", "PX", ttl) then
+        if held >= share then extra = extra + 1 end
+        held = held + 1
+        out[i + 2] = token
+      end
     end
   end
 end
 out[1] = live
 out[2] = share
+out[3] = extra
 return out
 "#;
 
@@ -180,6 +192,9 @@ impl Leases {
             for shard in 0..shards {
                 invocation.key(keys::lease(shard));
             }
+            for shard in 0..shards {
+                invocation.key(keys::deferred(shard));
+            }
             invocation
                 .arg(&self.instance)
                 .arg(ttl_ms)
@@ -192,7 +207,7 @@ impl Leases {
                 invocation.invoke_async::<Vec<redis::Value>>(&mut conn),
             )
             .await;
-            let (share, tokens) = match reply {
+            let claim = match reply {
                 Ok(Ok(values)) => match parse_claim(values, shards) {
                     Some(parsed) => parsed,
                     None => {
@@ -209,13 +224,18 @@ impl Leases {
                     continue;
                 }
             };
-            self.apply(share, tokens, &cancel).await;
+            self.apply(claim, &cancel).await;
         }
         self.release_all().await;
     }
 
     /// Brings local ownership in line with what Redis says we hold.
-    async fn apply(&self, share: usize, tokens: Vec<Option<String>>, cancel: &CancellationToken) {
+    async fn apply(&self, claim: Claim, cancel: &CancellationToken) {
+        let Claim {
+            share,
+            extra,
+            tokens,
+        } = claim;
         // Handovers and takeovers share one budget: the next renewal is due a third of the
         // TTL from now.
         let deadline = tokio::time::Instant::now() + self.ttl / 3;
@@ -241,7 +261,7 @@ impl Leases {
         }
         // Over our share (a node joined): hand the surplus over, shards not taken over yet
         // first.
-        let mut surplus = (held.len() + acquired.len()).saturating_sub(share);
+        let mut surplus = (held.len() + acquired.len()).saturating_sub(share + extra);
         while surplus > 0 {
             let (shard, token) = match acquired.pop() {
                 Some(a) => a,
@@ -328,6 +348,7 @@ impl Leases {
         };
         for ((shard, token), recorded) in acquired.into_iter().zip(positions) {
             if !self.may_take(shard, recorded.as_ref()) {
+                self.defer(shard).await;
                 self.release(shard, &token).await;
                 continue;
             }
@@ -388,6 +409,21 @@ impl Leases {
         true
     }
 
+    /// Lets the other nodes take `shard` beyond their share for two TTLs.
+    async fn defer(&self, shard: usize) {
+        let ttl_ms = u64::try_from(self.ttl.as_millis() * 2).unwrap_or(u64::MAX);
+        let mut conn = self.conn.clone();
+        let mut set = redis::cmd("SET");
+        set.arg(keys::deferred(shard))
+            .arg(&self.instance)
+            .arg("PX")
+            .arg(ttl_ms);
+        let reply = tokio::time::timeout(REDIS_TIMEOUT, set.query_async::<()>(&mut conn)).await;
+        if let Ok(Err(e)) = reply {
+            tracing::warn!(error = %e, shard, "cannot flag the shard as deferred");
+        }
+    }
+
     async fn read_positions(&self, acquired: &[(usize, String)]) -> Option<Vec<Option<Position>>> {
         let mut cmd = redis::cmd("MGET");
         for (shard, _) in acquired {
@@ -422,8 +458,9 @@ impl Leases {
     async fn release_all(&self) {
         let still_bridging = CancellationToken::new();
         let shards = self.shared.lock().shard_count();
+        let deadline = tokio::time::Instant::now() + self.ttl / 3;
         let flushed = futures_util::future::join_all(
-            (0..shards).map(|shard| self.caught_up(shard, &still_bridging)),
+            (0..shards).map(|shard| self.caught_up(shard, deadline, &still_bridging)),
         )
         .await;
         let behind = flushed.iter().filter(|done| !**done).count();
@@ -462,24 +499,40 @@ impl Leases {
     }
 }
 
-fn parse_claim(values: Vec<redis::Value>, shards: usize) -> Option<(usize, Vec<Option<String>>)> {
+/// What the claim script says this node holds.
+struct Claim {
+    /// The fair share.
+    share: usize,
+    /// Deferred shards acquired beyond the share this time: not surplus to hand back yet.
+    extra: usize,
+    /// Per shard: our lease token, if we hold it.
+    tokens: Vec<Option<String>>,
+}
+
+fn parse_claim(values: Vec<redis::Value>, shards: usize) -> Option<Claim> {
     use redis::Value;
-    if values.len() != shards + 2 {
+    if values.len() != shards + 3 {
         return None;
     }
+    let count = |v: Value| match v {
+        Value::Int(n) => usize::try_from(n).ok(),
+        _ => None,
+    };
     let mut it = values.into_iter();
     let _live = it.next()?;
-    let share = match it.next()? {
-        Value::Int(n) => usize::try_from(n).ok()?,
-        _ => return None,
-    };
+    let share = count(it.next()?)?;
+    let extra = count(it.next()?)?;
     let tokens = it
         .map(|v| match v {
             Value::BulkString(b) if !b.is_empty() => String::from_utf8(b).ok(),
             _ => None,
         })
         .collect();
-    Some((share, tokens))
+    Some(Claim {
+        share,
+        extra,
+        tokens,
+    })
 }
 
 /// Publishes the notifications of one shard, in order, while this node bridges it.
