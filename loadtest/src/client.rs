@@ -27,6 +27,8 @@ pub struct Plan {
     pub channel_ids: Vec<u32>,
     pub timeout: Duration,
     pub protocol: Protocol,
+    /// This run's id: publications of other runs are not counted.
+    pub run: u64,
 }
 
 /// Small buffers: the tool holds as many idle sockets as the gateway does.
@@ -276,6 +278,7 @@ pub async fn run(
             return;
         }
     };
+    let run = plan.run;
     let mut seen = Seen::new(plan.channel_ids);
     // What a server heartbeat looks like, and our answer.
     let (ping, pong_text) = match plan.protocol {
@@ -305,7 +308,11 @@ pub async fn run(
                         if line == ping {
                             pong = true;
                         } else if let Some(d) = payload::decode(line) {
-                            seen.record(d, &mut s);
+                            if d.run == run {
+                                seen.record(d, &mut s);
+                            } else {
+                                s.foreign += 1;
+                            }
                         }
                     }
                 }
@@ -336,6 +343,7 @@ mod tests {
         let mut stats = Stats::default();
         let mut seen = Seen::new(vec![7]);
         let d = |seq| payload::Delivered {
+            run: 0,
             channel: 7,
             seq,
             ts: payload::now_micros(),

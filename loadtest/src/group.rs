@@ -183,6 +183,7 @@ fn plan(s: &Scenario, conn: usize) -> Plan {
         channel_ids,
         timeout: s.connect_timeout,
         protocol: s.protocol,
+        run: s.run,
     }
 }
 

@@ -1,8 +1,9 @@
 //! The payload every publication carries, and reading it back out of a delivered frame
 //! without a JSON parser (the tool must stay cheaper than the gateway it measures).
 //!
-//! Payload: `{"c":<channel>,"s":<seq>,"t":<send µs since the Unix epoch>,"p":"xx…"}`,
-//! padded with `p` to about the requested size. Keys are searched by name, so the
+//! Payload: `{"r":<run>,"c":<channel>,"s":<seq>,"t":<send µs since the Unix epoch>,"p":"xx…"}`,
+//! padded with `p` to about the requested size. `r` tells this run's publications from
+//! a previous run's that a slow path may still be delivering on the same channels. Keys are searched by name, so the
 //! gateway may reorder them.
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,8 +16,8 @@ pub fn now_micros() -> u64 {
 }
 
 /// The JSON payload of publication `seq` on `channel`, about `size` bytes long.
-pub fn encode(channel: u32, seq: u64, ts: u64, size: usize) -> String {
-    let mut s = format!("{{\"c\":{channel},\"s\":{seq},\"t\":{ts},\"p\":\"");
+pub fn encode(run: u64, channel: u32, seq: u64, ts: u64, size: usize) -> String {
+    let mut s = format!("{{\"r\":{run},\"c\":{channel},\"s\":{seq},\"t\":{ts},\"p\":\"");
     let pad = size.saturating_sub(s.len() + 2);
     s.extend(std::iter::repeat_n('x', pad));
     s.push_str("\"}");
@@ -26,6 +27,8 @@ pub fn encode(channel: u32, seq: u64, ts: u64, size: usize) -> String {
 /// What a delivered publication tells us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivered {
+    /// 0 when the payload has no run.
+    pub run: u64,
     pub channel: u32,
     pub seq: u64,
     pub ts: u64,
@@ -42,6 +45,7 @@ pub fn decode(line: &[u8]) -> Option<Delivered> {
         return None;
     };
     Some(Delivered {
+        run: number_after(line, b"\"r\":").unwrap_or(0),
         channel: u32::try_from(number_after(line, b"\"c\":")?).ok()?,
         seq: number_after(line, b"\"s\":")?,
         ts: number_after(line, b"\"t\":")?,
@@ -73,12 +77,21 @@ mod tests {
 
     #[test]
     fn payload_has_about_the_requested_size() {
-        let p = encode(3, 17, 1_700_000_000_000_000, 100);
+        let p = encode(9, 3, 17, 1_700_000_000_000_000, 100);
         assert_eq!(p.len(), 100);
         let v: serde_json::Value = serde_json::from_str(&p).unwrap();
         assert_eq!(v["s"], 17);
+        assert_eq!(
+            decode(
+                format!(r#"{{"push":{{"channel":"c","pub":{{"data":{p},"offset":1}}}}}}"#)
+                    .as_bytes()
+            )
+            .unwrap()
+            .run,
+            9
+        );
         // Too small a size still gives valid JSON.
-        assert!(serde_json::from_str::<serde_json::Value>(&encode(1, 1, 1, 5)).is_ok());
+        assert!(serde_json::from_str::<serde_json::Value>(&encode(1, 1, 1, 1, 5)).is_ok());
     }
 
     #[test]
@@ -87,6 +100,7 @@ mod tests {
         assert_eq!(
             decode(line),
             Some(Delivered {
+                run: 0,
                 channel: 3,
                 seq: 17,
                 ts: 99
@@ -97,6 +111,7 @@ mod tests {
         assert_eq!(
             decode(reordered),
             Some(Delivered {
+                run: 0,
                 channel: 3,
                 seq: 17,
                 ts: 99
@@ -110,6 +125,7 @@ mod tests {
         assert_eq!(
             decode(line),
             Some(Delivered {
+                run: 0,
                 channel: 1,
                 seq: 2,
                 ts: 3

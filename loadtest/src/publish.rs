@@ -75,7 +75,13 @@ pub async fn run(s: &Scenario, rate: f64, seqs: &mut [u64]) -> anyhow::Result<Pu
             }
             let c = (handed % u64::from(k)) as u32;
             seqs[c as usize] += 1;
-            let data = payload::encode(c, seqs[c as usize], payload::now_micros(), s.payload_bytes);
+            let data = payload::encode(
+                s.run,
+                c,
+                seqs[c as usize],
+                payload::now_micros(),
+                s.payload_bytes,
+            );
             let w = c as usize % senders.len();
             pending[w].push((c, s.channel_name(c), data));
             handed += 1;

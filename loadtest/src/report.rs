@@ -26,6 +26,8 @@ pub struct Row {
     pub lost: u64,
     pub duplicates: u64,
     pub reordered: u64,
+    /// Publications of an earlier run still arriving (a backlog), ignored.
+    pub foreign: u64,
     pub gaps: u64,
     pub deliveries_per_s: f64,
     pub p50_ms: f64,

@@ -47,6 +47,10 @@ impl Sample {
 }
 
 pub async fn run(s: &Scenario, targets: &Targets) -> anyhow::Result<Vec<Row>> {
+    let mut s = s.clone();
+    // Unique enough: tells this run's publications from an earlier run's backlog.
+    s.run = (crate::payload::now_micros() ^ u64::from(std::process::id()) << 40) & ((1 << 52) - 1);
+    let s = &s;
     let baseline = procstat::total(&targets.node_pids);
     let open_start = Instant::now();
     let mut groups = Vec::new();
@@ -139,6 +143,7 @@ pub async fn run(s: &Scenario, targets: &Targets) -> anyhow::Result<Vec<Row>> {
             lost: expected.saturating_sub(step.deliveries),
             duplicates: step.duplicates,
             reordered: step.reordered,
+            foreign: step.foreign,
             gaps: step.gaps,
             deliveries_per_s: if published.attempted > 0 {
                 step.deliveries as f64 / busy

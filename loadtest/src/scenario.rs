@@ -102,6 +102,14 @@ pub struct Scenario {
     /// `POST /api/publish` URLs (api mode), round-robin.
     pub api_urls: Vec<String>,
     pub api_key: String,
+    /// Set by the runner for each run (not in files): payloads carry it, and clients
+    /// ignore publications of other runs.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub run: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl Default for Scenario {
@@ -133,6 +141,7 @@ impl Default for Scenario {
             database_url: String::new(),
             api_urls: vec![],
             api_key: String::new(),
+            run: 0,
         }
     }
 }

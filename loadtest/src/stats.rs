@@ -20,6 +20,8 @@ pub struct Stats {
     pub deliveries: u64,
     /// Publications received again (sequence not above the last one seen).
     pub duplicates: u64,
+    /// Publications of another run (a previous one still draining), not counted.
+    pub foreign: u64,
     /// Publications that arrived after a later one of the same channel.
     pub reordered: u64,
     /// Sequence jumps: publications a connection missed between two it received.
@@ -50,6 +52,7 @@ impl Default for Stats {
             deliveries: 0,
             duplicates: 0,
             reordered: 0,
+            foreign: 0,
             gaps: 0,
             bytes: 0,
             latency: histogram(),
@@ -68,6 +71,7 @@ impl Stats {
         self.deliveries += other.deliveries;
         self.duplicates += other.duplicates;
         self.reordered += other.reordered;
+        self.foreign += other.foreign;
         self.gaps += other.gaps;
         self.bytes += other.bytes;
         self.opened += other.opened;
