@@ -2,7 +2,7 @@
 """Plots BENCHMARKS.md's figures from loadtest CSV files (scripts/bench.sh --out DIR).
 
     scripts/plot-bench.sh   (installs matplotlib into .tmp/plot-venv, then runs this)
-    python3 scripts/plot-bench.py docs/bench
+    python3 scripts/plot-bench.py docs/bench/plot
 
 Reads DIR/*.csv (rows of `loadtest run --csv`; the file name is the system's label, e.g.
 pgfanout.csv and socketio.csv) and writes:
@@ -68,4 +68,4 @@ def main(folder):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "docs/bench")
+    main(sys.argv[1] if len(sys.argv) > 1 else "docs/bench/plot")
