@@ -250,8 +250,26 @@ async fn connection_flood_is_refused_by_connect_rate_and_connection_limits() -> 
         traffic.sent
     );
     ensure!(other.is_empty(), "unexpected outcomes: {other:?}");
+    // When a limiter call to Redis fails (a loaded machine: its timeout is short), the node
+    // counts locally meanwhile, and those connections are not in Redis' count afterwards
+    // (README, Limits): on one node the bound is then the limit twice.
+    let degraded = node
+        .metric_where(
+            "pgfanout_rate_limit_decisions_total",
+            "action=\"connections\",outcome=\"allowed\",scope=\"local\"",
+        )
+        .await?;
+    let bound = if degraded > 0.0 {
+        2 * PER_USER
+    } else {
+        PER_USER
+    };
+    eprintln!(
+        "connection flood: {} connections admitted by the local fallback",
+        degraded as u64
+    );
     // The observer is the same subject (127.0.0.1) and holds one of the slots.
-    ensure!(held < PER_USER, "{held} connections held");
+    ensure!(held < bound, "{held} connections held (bound {bound})");
     ensure!(rate_limited > 0 && at_limit > 0, "both limits should bite");
     Ok(())
 }

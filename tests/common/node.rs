@@ -229,8 +229,9 @@ impl Node {
         self.child.as_ref().map(Child::id)
     }
 
-    /// The sum of the series of metric `name` whose labels contain `label` (e.g.
-    /// `reason="slow_consumer"`); 0 when absent.
+    /// The sum of the series of metric `name` whose labels contain every comma-separated
+    /// part of `label` (e.g. `reason="slow_consumer"`, `action="connect",scope="local"`); 0
+    /// when absent.
     pub async fn metric_where(&self, name: &str, label: &str) -> anyhow::Result<f64> {
         let text = self.metrics().await?;
         let selected: String = text
@@ -239,7 +240,10 @@ impl Node {
                 line.strip_prefix(name)
                     .and_then(|rest| rest.strip_prefix('{'))
                     .is_some_and(|labels| {
-                        labels.split('}').next().is_some_and(|l| l.contains(label))
+                        labels
+                            .split('}')
+                            .next()
+                            .is_some_and(|l| label.split(',').all(|part| l.contains(part)))
                     })
             })
             .map(|line| format!("{line}\n"))
