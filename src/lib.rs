@@ -310,6 +310,7 @@ fn start_ingest(
                 barriers: tx,
                 bridges: bridges.clone(),
                 unplaceable_since: Default::default(),
+                stop_deadline: stage.deadline.clone(),
             };
             stage.spawn(leases.run(stage.cancel.clone()));
             Some(rx)

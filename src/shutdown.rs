@@ -6,9 +6,10 @@
 //!    own random part of the drain window (a session that starts meanwhile, from a
 //!    connection accepted just before, too).
 //! 2. Once the sessions are gone: the [`Tasks::ingest`] stage stops. Ingest keeps bridging
-//!    until then, so nothing published during the drain is missed; stopping releases
-//!    bridge leases and outbox partitions at once, while Redis is still connected, so that
-//!    another node takes them over.
+//!    until then, so nothing published during the drain is missed. Stopping ends the LISTEN
+//!    loop and the outbox claimers at once; the shard bridges first publish what was
+//!    received (until the stage's deadline, [`Stage::deadline`]), then the leases are
+//!    released while Redis is still connected, so that another node takes them over.
 //! 3. The [`Tasks::background`] stage stops (bus subscriber, health checks).
 //! 4. The HTTP server lets its last connections finish.
 //!
@@ -18,6 +19,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
@@ -44,6 +46,9 @@ const LISTEN_BACKLOG: u32 = 4096;
 pub struct Stage {
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
+    /// When the stage must be done, set just before `cancel` fires: a task that has work to
+    /// finish after the cancellation (ingest publishing its backlog) uses what it is given.
+    pub deadline: Arc<OnceLock<Instant>>,
 }
 
 impl Stage {
@@ -57,6 +62,7 @@ impl Stage {
 
     /// Cancels the stage and waits for its tasks until `deadline`; false if some remain.
     pub async fn stop(&self, deadline: Instant) -> bool {
+        let _ = self.deadline.set(deadline);
         self.cancel.cancel();
         self.tracker.close();
         tokio::time::timeout_at(deadline, self.tracker.wait())

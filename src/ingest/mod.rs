@@ -80,15 +80,19 @@ impl Ingest {
                 .listen_once(&cancel, &mut delay, &mut markers, &mut barriers)
                 .await;
             self.health.set_postgres(false);
-            // What this connection buffered cannot be lined up with the next one.
-            self.shared.lock().reset();
-            self.shared.report_owned();
             match result {
+                // Stopped (the drain): what was buffered stays, with the ownerships, so the
+                // bridges publish the backlog and the lease keeper hands the leases off
+                // after that. Resetting here would stop the bridges mid-backlog and forget
+                // the tokens the leases are released with.
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?delay, "postgres LISTEN connection lost")
                 }
             }
+            // What this connection buffered cannot be lined up with the next one.
+            self.shared.lock().reset();
+            self.shared.report_owned();
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(jitter(delay)) => {}

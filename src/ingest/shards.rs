@@ -52,7 +52,7 @@ pub mod keys {
 }
 
 /// Heartbeat, renew, acquire up to the fair share (and deferred shards beyond it); returns
-/// {live, share, deferred shards acquired, token per shard}.
+/// {live, share, deferred shards we hold, token per shard, deferred (1/0) per shard}.
 const CLAIM: &str = r#"
 -- KEYS[1] live nodes, KEYS[2..n+1] shard leases, KEYS[n+2..2n+1] deferral flags.
 -- ARGV: instance, ttl ms, claim (1/0), nonce, first shard to try.
@@ -62,12 +62,18 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix = ARGV[1] .. ":"
 local shards = (#KEYS - 1) / 2
 local out = {0, 0, 0}
+-- Deferred by another node: any node may hold it beyond its share.
+local function beyond(i)
+  local by = redis.call("GET", KEYS[i + shards])
+  return by and by ~= ARGV[1]
+end
 if ARGV[3] ~= "1" then
   redis.call("ZREM", KEYS[1], ARGV[1])
   for i = 2, shards + 1 do
     local v = redis.call("GET", KEYS[i])
     if v and string.sub(v, 1, #prefix) == prefix then redis.call("DEL", KEYS[i]) end
     out[i + 2] = ""
+    out[i + 2 + shards] = 0
   end
   return out
 end
@@ -87,27 +93,42 @@ for i = 2, shards + 1 do
     out[i + 2] = ""
   end
 end
-local extra = 0
 local first = tonumber(ARGV[5])
 for j = 0, shards - 1 do
   local i = ((first + j) % shards) + 2
   if out[i + 2] == "" then
-    local deferred_by = redis.call("GET", KEYS[i + shards])
-    local beyond = deferred_by and deferred_by ~= ARGV[1]
-    if held < share or beyond then
+    if held < share or beyond(i) then
       local token = prefix .. ARGV[4] .. ":" .. (i - 2)
       if redis.call("SET", KEYS[i], token, "NX", "PX", ttl) then
-        if held >= share then extra = extra + 1 end
         held = held + 1
         out[i + 2] = token
       end
     end
   end
 end
+-- Every deferred shard we hold counts beyond the share (not only those acquired now):
+-- otherwise one acquired earlier would make a later one surplus, handed straight back.
+local extra = 0
+for i = 2, shards + 1 do
+  if out[i + 2] ~= "" and beyond(i) then
+    extra = extra + 1
+    out[i + 2 + shards] = 1
+  else
+    out[i + 2 + shards] = 0
+  end
+end
 out[1] = live
 out[2] = share
 out[3] = extra
 return out
+"#;
+
+/// Extends a lease we still hold (the drain, while the bridges publish the backlog).
+const RENEW: &str = r#"
+if redis.call("GET", KEYS[1]) == ARGV[1] then
+  return redis.call("PEXPIRE", KEYS[1], ARGV[2])
+end
+return 0
 "#;
 
 const RELEASE: &str = r#"
@@ -167,7 +188,13 @@ pub struct Leases {
     /// Per shard: since when it came to us with a recorded position older than our stream
     /// (see [`Leases::take_over`]).
     pub unplaceable_since: Mutex<Vec<Option<tokio::time::Instant>>>,
+    /// When the ingest stage must be done (set by the drain as it cancels the stage): the
+    /// backlog is published until then, less [`HANDOFF_RESERVE`].
+    pub stop_deadline: Arc<std::sync::OnceLock<tokio::time::Instant>>,
 }
+
+/// Kept from the stage deadline for releasing the leases after the backlog was published.
+const HANDOFF_RESERVE: Duration = Duration::from_millis(500);
 
 impl Leases {
     /// Heartbeats, claims and takes over until cancelled, then releases every lease.
@@ -235,6 +262,7 @@ impl Leases {
             share,
             extra,
             tokens,
+            deferred,
         } = claim;
         // Handovers and takeovers share one budget: the next renewal is due a third of the
         // TTL from now.
@@ -260,8 +288,12 @@ impl Leases {
             }
         }
         // Over our share (a node joined): hand the surplus over, shards not taken over yet
-        // first.
+        // first. Deferred shards are beyond the share (counted in `extra`) and stay: others
+        // left them because they cannot place their position.
         let mut surplus = (held.len() + acquired.len()).saturating_sub(share + extra);
+        let (kept_acquired, mut acquired): (Vec<_>, Vec<_>) =
+            acquired.into_iter().partition(|(s, _)| deferred[*s]);
+        held.retain(|s| !deferred[*s]);
         while surplus > 0 {
             let (shard, token) = match acquired.pop() {
                 Some(a) => a,
@@ -283,6 +315,7 @@ impl Leases {
             self.release(shard, &token).await;
             tracing::info!(shard, "shard handed over (over this node's share)");
         }
+        acquired.extend(kept_acquired);
         if !acquired.is_empty() {
             let deadline = deadline.max(tokio::time::Instant::now() + Duration::from_millis(100));
             self.take_over(acquired, deadline, cancel).await;
@@ -306,8 +339,12 @@ impl Leases {
             return true;
         }
         loop {
-            if self.shared.lock().published_through(shard, head) {
-                return true;
+            {
+                let state = self.shared.lock();
+                // Fenced meanwhile: nothing more to publish here; the next owner continues.
+                if state.published_through(shard, head) || state.token(shard).is_none() {
+                    return true;
+                }
             }
             if tokio::time::Instant::now() >= deadline || cancel.is_cancelled() {
                 return false;
@@ -443,6 +480,32 @@ impl Leases {
         )
     }
 
+    /// Extends the leases this node still bridges (not the live-set heartbeat: a draining
+    /// node takes nothing new).
+    async fn renew_held(&self) {
+        let held: Vec<(usize, Arc<str>)> = {
+            let state = self.shared.lock();
+            (0..state.shard_count())
+                .filter_map(|s| Some((s, state.token(s)?)))
+                .collect()
+        };
+        let script = Script::new(RENEW);
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        for (shard, token) in held {
+            let mut invocation = script.prepare_invoke();
+            invocation.key(keys::lease(shard)).arg(&*token).arg(ttl_ms);
+            let mut conn = self.conn.clone();
+            let renewed =
+                tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async::<i64>(&mut conn))
+                    .await;
+            if !matches!(renewed, Ok(Ok(1))) {
+                // Gone (expired under load, or Redis): the bridge is fenced from now on and
+                // the next owner continues from the recorded position.
+                tracing::warn!(shard, "shard lease lost while publishing the backlog");
+            }
+        }
+    }
+
     async fn release(&self, shard: usize, token: &str) {
         let script = Script::new(RELEASE);
         let mut invocation = script.prepare_invoke();
@@ -452,17 +515,31 @@ impl Leases {
             tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async::<i64>(&mut conn)).await;
     }
 
-    /// Hands every lease off: first waits (a third of the TTL at most, all shards at once)
-    /// until the bridges published what this node received, so the next owner does not
-    /// depend on having seen that backlog itself (it may have joined a moment ago).
+    /// Hands every lease off: first waits until the bridges published what this node
+    /// received (all shards at once, renewing the leases meanwhile), so the next owner does
+    /// not depend on having seen that backlog itself: it may have joined a moment ago, and
+    /// then it cannot place positions older than its stream. The wait lasts until the
+    /// ingest stage's deadline (less a reserve for the releases), or a third of the TTL
+    /// when this task stops for another reason.
     async fn release_all(&self) {
         let still_bridging = CancellationToken::new();
         let shards = self.shared.lock().shard_count();
-        let deadline = tokio::time::Instant::now() + self.ttl / 3;
-        let flushed = futures_util::future::join_all(
+        let now = tokio::time::Instant::now();
+        let deadline = match self.stop_deadline.get() {
+            Some(end) => end.checked_sub(HANDOFF_RESERVE).unwrap_or(now).max(now),
+            None => now + self.ttl / 3,
+        };
+        let flush = futures_util::future::join_all(
             (0..shards).map(|shard| self.caught_up(shard, deadline, &still_bridging)),
-        )
-        .await;
+        );
+        tokio::pin!(flush);
+        let mut renew = tokio::time::interval_at(now + self.ttl / 3, self.ttl / 3);
+        let flushed = loop {
+            tokio::select! {
+                flushed = &mut flush => break flushed,
+                _ = renew.tick() => self.renew_held().await,
+            }
+        };
         let behind = flushed.iter().filter(|done| !**done).count();
         if behind > 0 {
             tracing::warn!(
@@ -507,11 +584,13 @@ struct Claim {
     extra: usize,
     /// Per shard: our lease token, if we hold it.
     tokens: Vec<Option<String>>,
+    /// Per shard: deferred by another node (held beyond the share).
+    deferred: Vec<bool>,
 }
 
 fn parse_claim(values: Vec<redis::Value>, shards: usize) -> Option<Claim> {
     use redis::Value;
-    if values.len() != shards + 3 {
+    if values.len() != 2 * shards + 3 {
         return None;
     }
     let count = |v: Value| match v {
@@ -523,15 +602,19 @@ fn parse_claim(values: Vec<redis::Value>, shards: usize) -> Option<Claim> {
     let share = count(it.next()?)?;
     let extra = count(it.next()?)?;
     let tokens = it
+        .by_ref()
+        .take(shards)
         .map(|v| match v {
             Value::BulkString(b) if !b.is_empty() => String::from_utf8(b).ok(),
             _ => None,
         })
         .collect();
+    let deferred = it.map(|v| matches!(v, Value::Int(1))).collect();
     Some(Claim {
         share,
         extra,
         tokens,
+        deferred,
     })
 }
 

@@ -55,15 +55,26 @@ function startClient(index, { url, channels, token }) {
     minReconnectDelay: 200,
     maxReconnectDelay: 2000,
   });
+  // The last few events, with their time, for the examples of a problem.
+  state.history = [];
+  const seen = (event) => {
+    state.lastEvent = event;
+    state.history.push(`${new Date().toISOString()} ${event}`);
+    if (state.history.length > 6) state.history.shift();
+  };
   client.on('connecting', (ctx) => {
     // Code 0 is the first connect; 3001 is the drain's reconnect advice.
     if (ctx.code !== 0) count(state.reconnectCodes, ctx.code);
-    state.lastEvent = `connecting ${ctx.code}`;
+    seen(`connecting ${ctx.code}`);
   });
-  const problem = (text) => state.errors.push({ text, at_ms: Date.now() - started, after: state.lastEvent });
+  const problem = (text) => {
+    const after = state.lastEvent;
+    seen(`problem ${text}`);
+    state.errors.push({ text, at_ms: Date.now() - started, at: new Date().toISOString(), after, history: [...state.history] });
+  };
   client.on('error', (ctx) => problem(`client: ${JSON.stringify(ctx.error)}`));
   client.on('disconnected', (ctx) => problem(`disconnected ${ctx.code} ${ctx.reason}`));
-  client.on('connected', () => (state.lastEvent = 'connected'));
+  client.on('connected', (ctx) => seen(`connected ${ctx.client}`));
 
   const sub = client.newSubscription(channel, { minResubscribeDelay: 200, maxResubscribeDelay: 2000 });
   sub.on('subscribed', (ctx) => {
