@@ -57,7 +57,11 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
-    let start = find(hay, key)? + key.len();
+    let mut start = find(hay, key)? + key.len();
+    // jsonb (the outbox path) prints `"s": 17`, with a space.
+    while hay.get(start) == Some(&b' ') {
+        start += 1;
+    }
     let digits = hay[start..]
         .iter()
         .take_while(|b| b.is_ascii_digit())
@@ -112,6 +116,20 @@ mod tests {
             decode(reordered),
             Some(Delivered {
                 run: 0,
+                channel: 3,
+                seq: 17,
+                ts: 99
+            })
+        );
+    }
+
+    #[test]
+    fn reads_jsonb_spacing() {
+        let line = br#"{"push":{"channel":"c","pub":{"data":{"c": 3, "p": "xx", "r": 7, "s": 17, "t": 99},"offset":5}}}"#;
+        assert_eq!(
+            decode(line),
+            Some(Delivered {
+                run: 7,
                 channel: 3,
                 seq: 17,
                 ts: 99
