@@ -332,11 +332,11 @@ POD_SETTINGS = {"PGFANOUT_NODE_ID"}
 
 
 def chart_covers_every_setting(default_objs: list[dict[str, Any]]) -> list[str]:
-    """Every PGFANOUT_* setting pgfanout reads (src/config.rs) has its place in the chart."""
-    config_rs = ROOT / "src" / "config.rs"
-    settings = set(re.findall(r'env\s*=\s*"(PGFANOUT_[A-Z0-9_]+)"', config_rs.read_text()))
+    """Every PGFANOUT_* setting pgfanout reads (src/config/) has its place in the chart."""
+    config_src = "\n".join(p.read_text() for p in sorted((ROOT / "src" / "config").glob("*.rs")))
+    settings = set(re.findall(r'env\s*=\s*"(PGFANOUT_[A-Z0-9_]+)"', config_src))
     if not settings:
-        return ["no `env = \"PGFANOUT_...\"` found in src/config.rs"]
+        return ["no `env = \"PGFANOUT_...\"` found in src/config/"]
     in_configmap = set(props.settings(default_objs)["data"]) if default_objs else set()
     in_configmap |= {"PGFANOUT_CHANNELS"}  # rendered only when config.channels is set
     missing = sorted(settings - in_configmap - POD_SETTINGS - {s for s in settings if SECRET_SETTING.match(s)})
@@ -391,11 +391,11 @@ def main() -> int:
     report.check("README.md has a row for every value", readme_documents_values)
     check_dashboard(report)
     report.check("Dockerfile agrees with the chart", dockerfile_matches_chart)
-    if (ROOT / "src" / "config.rs").exists():
-        report.check("chart sets every PGFANOUT_* setting in src/config.rs",
+    if (ROOT / "src" / "config" / "mod.rs").exists():
+        report.check("chart sets every PGFANOUT_* setting in src/config/",
                      lambda: chart_covers_every_setting(default_objs))
     else:
-        print("skip chart sets every PGFANOUT_* setting: no src/config.rs to read them from")
+        print("skip chart sets every PGFANOUT_* setting: no src/config/ to read them from")
     print(f"helm: {report.passed} passed, {len(report.failed)} failed")
     return 1 if report.failed else 0
 
