@@ -122,14 +122,19 @@ async fn websocket(
             .ok()
     });
     let ip = forwarded.or(peer.map(|p| p.0 .0 .0.ip()));
+    // Counted as a session from here, not from when the upgraded socket reaches the
+    // callback: under load the 101 can reach the client (which then sends its connect)
+    // well before that, and a drain that saw no session would let the process exit under
+    // it, closing the client's connect with an error instead of the drain's 3001.
+    let counted = state.sessions.token();
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(state.max_frame_bytes)
         .max_frame_size(state.max_frame_bytes)
-        .on_upgrade(move |socket| {
-            let session = session::run_from(socket, state.shared.clone(), state.drain.clone(), ip);
-            state.sessions.track_future(session)
+        .on_upgrade(move |socket| async move {
+            session::run_from(socket, state.shared.clone(), state.drain.clone(), ip).await;
+            drop(counted);
         })
 }
 

@@ -4,7 +4,10 @@
 //!    the listener closes its socket ([`StopAccepting`]; HTTP connections already open keep
 //!    being answered) and every session closes with 3001 (shutdown, reconnect) after its
 //!    own random part of the drain window (a session that starts meanwhile, from a
-//!    connection accepted just before, too).
+//!    connection accepted just before, too; a session whose connect is not answered yet
+//!    when its time comes goes right after the reply, so the SDK never sees its connect
+//!    fail). A WebSocket counts as a session from its upgrade request on, so the drain
+//!    also waits for one whose 101 went out before the session task started.
 //! 2. Once the sessions are gone: the [`Tasks::ingest`] stage stops. Ingest keeps bridging
 //!    until then, so nothing published during the drain is missed. Stopping ends the LISTEN
 //!    loop and the outbox claimers at once; the shard bridges first publish what was

@@ -72,11 +72,6 @@ async fn produce(
     Ok(sent)
 }
 
-// Ignored while it fails: the bus now gets every notification exactly once and every client
-// has every message (ingest hand-offs fixed), but 20-50 reconnecting SDK clients per run
-// report `connection closed` (code 11) at the moment a drained node exits. Run it with
-// `cargo nextest run --run-ignored only -E 'test(/^rolling_restart::/)' --no-capture`.
-#[ignore = "fails: SDK clients see `connection closed` while reconnecting when a drained node exits"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_under_load_loses_and_duplicates_nothing() -> anyhow::Result<()> {
     let channels = channel_names();

@@ -241,6 +241,12 @@ impl Session {
             sleep(config.drain_window.mul_f64(part)).await;
         };
         tokio::pin!(drain);
+        // The same for a session whose drain time came before its connect was answered (a
+        // client that had just reconnected here): it goes right after the reply, or one
+        // drain window later at the latest.
+        let mut drain_due = false;
+        let drain_late = sleep(Duration::MAX / 4);
+        tokio::pin!(drain_late);
         let mut ping =
             tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
         let pong_deadline = sleep(Duration::MAX / 4);
@@ -255,7 +261,7 @@ impl Session {
         tokio::pin!(kicked);
 
         loop {
-            if late && self.client.is_some() {
+            if (late || drain_due) && self.client.is_some() {
                 return End::Disconnect(DisconnectCode::Shutdown);
             }
             if let Some(next) = self.access.rearm() {
@@ -266,7 +272,14 @@ impl Session {
             }
             tokio::select! {
                 code = &mut kicked => return End::Disconnect(code),
-                () = &mut drain => return End::Disconnect(DisconnectCode::Shutdown),
+                () = &mut drain, if !drain_due => {
+                    if late || self.client.is_some() {
+                        return End::Disconnect(DisconnectCode::Shutdown);
+                    }
+                    drain_due = true;
+                    drain_late.as_mut().reset(Instant::now() + config.drain_window);
+                }
+                () = &mut drain_late, if drain_due => return End::Disconnect(DisconnectCode::Shutdown),
                 () = &mut connect_deadline, if self.client.is_none() => return End::Disconnect(DisconnectCode::Stale),
                 () = &mut pong_deadline, if awaiting_pong => return End::Disconnect(DisconnectCode::NoPong),
                 out = outbound.recv() => {

@@ -246,6 +246,22 @@ async fn a_session_that_starts_while_draining_goes_right_after_its_connect_reply
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_session_whose_drain_time_comes_before_its_connect_goes_after_the_reply() {
+    let mut h = start(config(), false);
+    // The session runs (not late), then the drain starts before the client's connect.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    h.shutdown.cancel();
+    tokio::time::sleep(config().drain_window).await;
+    h.send("{\"id\":1,\"connect\":{}}");
+    let reply = h.recv_text().await;
+    assert!(
+        reply.contains("\"connect\""),
+        "connect answered, not closed under it: {reply}"
+    );
+    assert_eq!(h.close_code().await, 3001);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_late_session_that_never_connects_goes_at_the_end_of_the_window() {
     let mut h = start(config(), false);
     h.shutdown.cancel();
