@@ -8,7 +8,7 @@
 # 2. cargo fmt --check, cargo clippy -D warnings (every workspace member).
 # 3. Extra suites that exist: scripts/check-helm.sh; the load tool's smoke run
 #    (scripts/bench.sh --smoke: 300 connections, a few seconds); the fuzz targets
-#    (scripts/fuzz.sh, FUZZ_SECONDS each, default 60; 0 skips) when cargo-fuzz and a
+#    (scripts/fuzz.sh, FUZZ_SECONDS each, default 30; 0 skips; log in .tmp/fuzz.log) when cargo-fuzz and a
 #    nightly toolchain are installed.
 # 4. cargo nextest run (profile `ci` when CI=true: no retries, no fail-fast, hung tests
 #    killed after 120 s; see .config/nextest.toml).
@@ -64,13 +64,17 @@ else
   skip helm "scripts/check-helm.sh not present"
 fi
 # The load tool against a 2-node cluster for a few seconds, so it cannot rot (not a benchmark).
-step smoke bash scripts/bench.sh --smoke --out "$ROOT/.tmp/bench-smoke"
-fuzz_seconds=${FUZZ_SECONDS:-60}
+# A debug build: it shares the test build's dependencies (a release build took minutes).
+step smoke bash scripts/bench.sh --smoke --debug --out "$ROOT/.tmp/bench-smoke"
+fuzz_seconds=${FUZZ_SECONDS:-30}
 if ((fuzz_seconds == 0)); then
   skip fuzz "FUZZ_SECONDS=0"
 elif command -v cargo-fuzz >/dev/null 2>&1 && command -v rustup >/dev/null 2>&1 &&
   rustup run nightly rustc --version >/dev/null 2>&1; then
-  step fuzz bash scripts/fuzz.sh "$fuzz_seconds"
+  # libFuzzer reports every new input: keep its log in .tmp/fuzz.log, show the end.
+  mkdir -p "$ROOT/.tmp"
+  step fuzz bash -c 'scripts/fuzz.sh "$1" >"$2" 2>&1; rc=$?; tail -n 25 "$2"; exit $rc' _ \
+    "$fuzz_seconds" "$ROOT/.tmp/fuzz.log"
 else
   skip fuzz "cargo-fuzz or a nightly toolchain not installed"
 fi
