@@ -292,6 +292,7 @@ async fn publish_one(bus: &Bus, item: &Item, key: Option<String>) -> Result<Publ
         idempotency_key: dedupe.as_deref(),
         fence: None,
         source: Source::Api,
+        received_at: None,
     };
     match bus.publish(request).await {
         Ok(PublishOutcome::Published { offset, epoch }) => Ok(Published {

@@ -27,7 +27,8 @@ pub struct Outbound {
     pub epoch: Arc<str>,
     /// The complete push, shared by every subscriber.
     pub frame: Bytes,
-    /// When the publication entered the bus (µs since the Unix epoch; 0 = unknown).
+    /// When the publication reached pgfanout (µs since the Unix epoch; 0 = unknown): a
+    /// notification's receipt from Postgres, or its entry into the bus for other sources.
     pub ts: u64,
     /// Not a publication but a position check (`frame` is empty): the node could not deliver
     /// everything up to `offset` of `epoch`, so a session behind it, or in another epoch,

@@ -693,6 +693,7 @@ async fn the_lease_fence_holds_across_slots() -> anyhow::Result<()> {
                 idempotency_key: None,
                 fence: Some(&fence),
                 source: Source::Notify,
+                received_at: None,
             })
             .await
         }

@@ -124,7 +124,7 @@ impl MemoryBus {
             }
         }
         let publication = Publication {
-            ts: super::now_micros(),
+            ts: req.received_at.unwrap_or_else(super::now_micros),
             channel,
             offset,
             epoch: stream.epoch.clone(),
@@ -213,6 +213,7 @@ mod tests {
             idempotency_key: key,
             fence: None,
             source: Source::Client,
+            received_at: None,
         })
     }
 
@@ -282,5 +283,26 @@ mod tests {
         publish(&bus, "a", "\"y\"", None);
         assert_eq!(rx.try_recv().unwrap().offset, 1);
         assert_eq!(rx.try_recv().unwrap().offset, 2);
+    }
+
+    #[test]
+    fn a_publication_carries_when_it_reached_pgfanout_or_else_now() {
+        let (bus, hub) = bus(10);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let kick = Kick::default();
+        hub.add("a", 1, SessionHandle { tx, kick });
+        let before = super::super::now_micros();
+        let received = before - 2_000_000;
+        bus.publish(PublishRequest {
+            channel: "a",
+            data: Bytes::from_static(b"1"),
+            idempotency_key: None,
+            fence: None,
+            source: Source::Notify,
+            received_at: Some(received),
+        });
+        publish(&bus, "a", "2", None);
+        assert_eq!(rx.try_recv().unwrap().ts, received);
+        assert!(rx.try_recv().unwrap().ts >= before);
     }
 }

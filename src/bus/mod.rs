@@ -30,8 +30,9 @@ pub struct Publication {
     pub epoch: Arc<str>,
     /// Valid JSON.
     pub data: Bytes,
-    /// When it entered the bus: microseconds since the Unix epoch on the publishing node's
-    /// clock (for the delivery latency metric); 0 when unknown (e.g. read from history).
+    /// When it reached pgfanout (a notification: its receipt from Postgres; otherwise its
+    /// entry into the bus): microseconds since the Unix epoch on the publishing node's clock
+    /// (for the delivery latency metric); 0 when unknown (e.g. read from history).
     pub ts: u64,
 }
 
@@ -110,6 +111,10 @@ pub struct PublishRequest<'a> {
     pub idempotency_key: Option<&'a str>,
     pub fence: Option<&'a Fence>,
     pub source: Source,
+    /// When the message reached pgfanout (µs since the Unix epoch), for the delivery
+    /// latency metric: a notification's receipt from Postgres, so a bridge's backlog counts.
+    /// `None`: now.
+    pub received_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -280,7 +280,7 @@ impl RedisBus {
                     .filter(|_| !cluster)
                     .map_or("", |f| f.token.as_str()),
             )
-            .arg(super::now_micros())
+            .arg(req.received_at.unwrap_or_else(super::now_micros))
             .arg(in_script_record.map_or("", |r| r.value.as_str()))
             .arg(deadline)
             .arg(if cluster { "SPUBLISH" } else { "PUBLISH" });

@@ -255,6 +255,7 @@ impl Outbox {
             idempotency_key: Some(&key),
             fence: None,
             source: Source::Outbox,
+            received_at: None,
         };
         if let PublishOutcome::Duplicate { .. } = self.bus.publish(request).await? {
             metrics::counter!(m::INGEST_DUPLICATES, "path" => "outbox").increment(1);

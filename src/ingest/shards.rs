@@ -643,6 +643,7 @@ pub async fn bridge(shard: usize, shared: Arc<Shared>, bus: Bus, cancel: Cancell
             idempotency_key: None,
             fence: fence.as_ref(),
             source: Source::Notify,
+            received_at: Some(job.entry.received_at),
         };
         match bus.publish(request).await {
             Ok(outcome) => {

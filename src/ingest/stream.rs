@@ -60,6 +60,8 @@ pub struct Entry {
     pub channel: Arc<str>,
     /// Valid JSON.
     pub data: Bytes,
+    /// When the LISTEN loop received it (µs since the Unix epoch).
+    pub received_at: u64,
 }
 
 impl Entry {
@@ -189,6 +191,7 @@ impl StreamState {
             position,
             channel,
             data,
+            received_at: crate::bus::now_micros(),
         };
         let cost = entry.cost();
         while s.bytes + cost > cap {

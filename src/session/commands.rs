@@ -397,6 +397,7 @@ impl Session {
             idempotency_key: None,
             fence: None,
             source: Source::Client,
+            received_at: None,
         };
         match self.shared.bus.publish(request).await {
             Ok(_) => self.replies.result(id, "publish", &Empty {}),

@@ -165,6 +165,7 @@ impl Harness {
                 idempotency_key: None,
                 fence: None,
                 source: Source::Client,
+                received_at: None,
             })
             .await
             .expect("memory bus publishes");
