@@ -32,6 +32,21 @@ use shards::{Barrier, Shared};
 
 /// `application_name` of the LISTEN connection, so operators (and tests) can find it.
 pub const APPLICATION_NAME: &str = "pgfanout-listen";
+
+/// A connection to `url` for ingest work: named in `pg_stat_activity`, with keepalives so
+/// that a server gone silent is noticed.
+pub(crate) fn connection_config(
+    url: &str,
+    application_name: &str,
+) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    config
+        .application_name(application_name)
+        .connect_timeout(Duration::from_secs(5))
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10));
+    Ok(config)
+}
 /// The Postgres channel of stream markers (see [`stream`]): every node listens on it.
 pub const MARKER_CHANNEL: &str = "pgfanout_ingest_marker";
 /// Notifications read from the socket but not yet buffered.
@@ -110,12 +125,7 @@ impl Ingest {
         markers: &mut u64,
         barriers: &mut Option<mpsc::Receiver<Barrier>>,
     ) -> Result<(), IngestError> {
-        let mut config: tokio_postgres::Config = self.database_url.parse()?;
-        config
-            .application_name(APPLICATION_NAME)
-            .connect_timeout(Duration::from_secs(5))
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(10));
+        let config = connection_config(&self.database_url, APPLICATION_NAME)?;
         let (client, mut connection) = config.connect(NoTls).await?;
         let (tx, mut notifications) = mpsc::channel::<Notification>(NOTIFICATION_QUEUE);
         let driver = tokio::spawn(async move {

@@ -74,12 +74,7 @@ impl Outbox {
         cancel: &CancellationToken,
         delay: &mut Duration,
     ) -> Result<(), OutboxError> {
-        let mut config: tokio_postgres::Config = self.database_url.parse()?;
-        config
-            .application_name(APPLICATION_NAME)
-            .connect_timeout(Duration::from_secs(5))
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(10));
+        let config = super::connection_config(&self.database_url, APPLICATION_NAME)?;
         let (mut client, mut connection) =
             tokio::time::timeout(Duration::from_secs(10), config.connect(NoTls))
                 .await
