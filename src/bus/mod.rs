@@ -311,22 +311,6 @@ impl Bus {
             redis::RedisBus::connect_to(target, hub, history, tracker, cancel).await?,
         ))
     }
-
-    /// The Redis bus, with its subscriber and health tasks owned by `tracker`.
-    ///
-    /// # Errors
-    /// Redis unreachable or the URL invalid.
-    pub async fn redis(
-        url: &str,
-        hub: Arc<crate::hub::Hub>,
-        history: Arc<HistoryPolicy>,
-        tracker: &TaskTracker,
-        cancel: CancellationToken,
-    ) -> Result<Self, BusError> {
-        Ok(Self::Redis(
-            redis::RedisBus::connect(url, hub, history, tracker, cancel).await?,
-        ))
-    }
 }
 
 /// A fresh random epoch.

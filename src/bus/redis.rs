@@ -101,22 +101,8 @@ pub enum Target<'a> {
 }
 
 impl RedisBus {
-    /// Connects the command and subscriber connections and starts the subscriber and
-    /// health tasks.
-    ///
-    /// # Errors
-    /// Redis unreachable or the URL invalid.
-    pub async fn connect(
-        url: &str,
-        hub: Arc<Hub>,
-        history: Arc<HistoryPolicy>,
-        tracker: &TaskTracker,
-        cancel: CancellationToken,
-    ) -> Result<Self, BusError> {
-        Self::connect_to(Target::Single(url), hub, history, tracker, cancel).await
-    }
-
-    /// Like [`RedisBus::connect`], on one Redis or on a Redis Cluster.
+    /// Connects the command and subscriber connections, on one Redis or on a Redis
+    /// Cluster, and starts the subscriber and health tasks.
     ///
     /// # Errors
     /// Redis unreachable or a URL invalid.
