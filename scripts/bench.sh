@@ -19,7 +19,8 @@
 #   -- ARGS       passed to `loadtest run` (e.g. -- --set duration=\"5s\")
 #
 # Environment: PGFANOUT_TEST_DATABASE_URL (else found by scripts/deps.sh),
-# BENCH_NODES (default 2), BENCH_PORT (first node port, default: a free one from 18400),
+# BENCH_NODES (default 2), BENCH_NODE_WRAPPER (a command the nodes run under, e.g.
+# "valgrind --tool=massif --massif-out-file=.tmp/massif.%p" for a heap profile), BENCH_PORT (first node port, default: a free one from 18400),
 # BENCH_NODE_ENV (extra VAR=value words for every node), BENCH_REDIS_CLUSTER=1 (a local
 # 3-master Redis Cluster instead of one redis-server; the nodes run with
 # PGFANOUT_REDIS_CLUSTER=true).
@@ -190,7 +191,7 @@ for ((i = 0; i < nodes; i++)); do
     PGFANOUT_CHANNELS="$channels" PGFANOUT_ALLOW_ANONYMOUS=true \
     PGFANOUT_ALLOW_ANONYMOUS_PUBLISH=true PGFANOUT_API_KEYS=bench-api-key-0123456789 \
     PGFANOUT_LOG=warn PGFANOUT_LOG_FORMAT=text ${BENCH_NODE_ENV:-} \
-    "$bin_dir/pgfanout" >"$run_dir/$id.log" 2>&1 &
+    ${BENCH_NODE_WRAPPER:-} "$bin_dir/pgfanout" >"$run_dir/$id.log" 2>&1 &
   pids+=($!)
   urls+=("\"ws://127.0.0.1:$port/connection/websocket\"")
   api_urls+=("\"http://127.0.0.1:$port/api/publish\"")
