@@ -13,6 +13,11 @@
 #                 the baseline instead of pgfanout: 2 Socket.IO servers with the Redis
 #                 adapter (loadtest/baselines/socketio) on the same Redis; only
 #                 scenarios that publish through the API (or not at all) apply
+#                 (default: fanout-api idle churn ingest-api)
+#   --target nchan
+#                 the other baseline: 2 nginx instances with Nchan, one worker process
+#                 each, on the same Redis (loadtest/baselines/nchan/nginx.conf.in); installs
+#                 Debian's nginx and libnginx-mod-nchan when missing; same scenarios
 #   --perf        record the nodes with `perf record -g` while the scenarios run; writes
 #                 DIR/perf.data and the top frames to DIR/perf-top.txt
 #   --out DIR     where results go (default .tmp/bench): DIR/results.csv and .json
@@ -52,7 +57,8 @@ while (($#)); do
     --perf) perf=1 ;;
     --target)
       target=$2
-      [[ $target == pgfanout || $target == socketio ]] || die "--target pgfanout|socketio"
+      [[ $target == pgfanout || $target == socketio || $target == nchan ]] ||
+        die "--target pgfanout|socketio|nchan"
       shift
       ;;
     --out)
@@ -76,6 +82,21 @@ fi
 
 # shellcheck source=scripts/deps.sh
 [[ -n ${PGFANOUT_TEST_DATABASE_URL:-} ]] || source "$ROOT/scripts/deps.sh" cluster
+
+# The Nchan baseline's packages: here, not in scripts/deps.sh, so the test run never
+# installs nginx (as socketio's npm packages are installed only for --target socketio).
+nchan_module=/usr/lib/nginx/modules/ngx_nchan_module.so
+if [[ $target == nchan ]]; then
+  [[ ${BENCH_REDIS_CLUSTER:-0} == 1 ]] && die "--target nchan runs on one redis-server, not BENCH_REDIS_CLUSTER=1"
+  if ! command -v nginx >/dev/null 2>&1 || [[ ! -f $nchan_module ]]; then
+    say "installing Debian's nginx and libnginx-mod-nchan"
+    as_root=()
+    [[ $(id -u) -eq 0 ]] || as_root=(sudo -n)
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends nginx libnginx-mod-nchan >&2
+  fi
+fi
 db_admin=$PGFANOUT_TEST_DATABASE_URL
 
 cargo_flags=()
@@ -87,6 +108,8 @@ bin_dir=${CARGO_TARGET_DIR:-$ROOT/target}/$profile
 mkdir -p "$out"
 run_dir=$(mktemp -d "$ROOT/.tmp/bench-run.XXXXXX")
 pids=()
+# The processes whose CPU and RSS are reported: the nodes, and for nginx its workers too.
+measured=()
 redis_pid=''
 cluster_pids=()
 db_name="pgfanout_bench_$$"
@@ -168,13 +191,51 @@ letters=abcdefghijklmnopqrstuvwxyz
 if [[ $target == socketio ]]; then
   (cd loadtest/baselines/socketio && [[ -d node_modules ]] || npm ci --no-audit --no-fund --loglevel=error >&2)
 fi
+node_log() {
+  if [[ $target == nchan ]]; then
+    printf '%s/%s/error.log' "$run_dir" "$1"
+  else
+    printf '%s/%s.log' "$run_dir" "$1"
+  fi
+}
+# One nginx (master + one worker) in the foreground, its config and files in $run_dir/$id.
+start_nchan() {
+  local id=$1 port=$2 dir=$run_dir/$1 user_line='' master
+  mkdir -p "$dir"
+  # As root, nginx would run its worker as nobody, who cannot enter $run_dir.
+  [[ $(id -u) -eq 0 ]] && user_line="user $(id -un) $(id -gn);"
+  sed -e "s|@PREFIX@|$dir|g" -e "s|@PORT@|$port|g" -e "s|@REDIS@|127.0.0.1:$redis_port|g" \
+    -e "s|@USER_LINE@|$user_line|" loadtest/baselines/nchan/nginx.conf.in >"$dir/nginx.conf"
+  nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$run_dir/$id.log" 2>&1 &
+  master=$!
+  pids+=("$master")
+  measured+=("$master")
+  # Ready when a publication goes through, i.e. Nchan reached Redis.
+  for _ in $(seq 100); do
+    curl -fsS -m 1 -o /dev/null -X POST --data ready "http://127.0.0.1:$port/pub/bench-ready" \
+      2>/dev/null && break
+    kill -0 "$master" 2>/dev/null || { cat "$run_dir/$id.log" "$dir/error.log" >&2; die "$id exited at start"; }
+    sleep 0.1
+  done
+  curl -fsS -m 1 -o /dev/null -X POST --data ready "http://127.0.0.1:$port/pub/bench-ready" ||
+    { cat "$dir/error.log" >&2; die "$id not ready"; }
+  for pid in $(pgrep -P "$master"); do measured+=("$pid"); done
+  urls+=("\"ws://127.0.0.1:$port/sub/\"")
+  api_urls+=("\"http://127.0.0.1:$port/pub/\"")
+}
 for ((i = 0; i < nodes; i++)); do
   port=$(free_port "$port")
   id="bench-${letters:i:1}"
+  if [[ $target == nchan ]]; then
+    start_nchan "$id" "$port"
+    port=$((port + 1))
+    continue
+  fi
   if [[ $target == socketio ]]; then
     PORT=$port REDIS_URL="$redis_url" API_KEY=bench-api-key-0123456789 \
       node loadtest/baselines/socketio/server.js >"$run_dir/$id.log" 2>&1 &
     pids+=($!)
+    measured+=($!)
     urls+=("\"ws://127.0.0.1:$port/socket.io/?EIO=4&transport=websocket\"")
     api_urls+=("\"http://127.0.0.1:$port/api/publish\"")
     for _ in $(seq 100); do
@@ -193,6 +254,7 @@ for ((i = 0; i < nodes; i++)); do
     PGFANOUT_LOG=warn PGFANOUT_LOG_FORMAT=text ${BENCH_NODE_ENV:-} \
     ${BENCH_NODE_WRAPPER:-} "$bin_dir/pgfanout" >"$run_dir/$id.log" 2>&1 &
   pids+=($!)
+  measured+=($!)
   urls+=("\"ws://127.0.0.1:$port/connection/websocket\"")
   api_urls+=("\"http://127.0.0.1:$port/api/publish\"")
   for _ in $(seq 150); do
@@ -203,7 +265,7 @@ for ((i = 0; i < nodes; i++)); do
   curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$port/ready" || { cat "$run_dir/$id.log" >&2; die "$id not ready"; }
   port=$((port + 1))
 done
-say "cluster up ($target): ${nodes} nodes (pids ${pids[*]}), redis $redis_url (pids $redis_pid${cluster_pids[*]}), database $db_name"
+say "cluster up ($target): ${nodes} nodes (pids ${measured[*]}), redis $redis_url (pids $redis_pid${cluster_pids[*]}), database $db_name"
 
 join() {
   local IFS=,
@@ -214,11 +276,14 @@ args=(run loadtest/scenarios.toml
   --set 'api_key="bench-api-key-0123456789"' --set "database_url=\"$db_url\""
   --postgres-cpu
   --json "$out/results.json" --csv "$out/results.csv")
-for pid in "${pids[@]}"; do args+=(--node-pid "$pid"); done
+for pid in "${measured[@]}"; do args+=(--node-pid "$pid"); done
 for pid in $redis_pid "${cluster_pids[@]}"; do args+=(--redis-pid "$pid"); done
-[[ $target == socketio ]] && args+=(--set 'protocol="socketio"')
+[[ $target != pgfanout ]] && args+=(--set "protocol=\"$target\"")
 if ((${#scenarios[@]})); then
   for s in "${scenarios[@]}"; do args+=(--only "$s"); done
+elif [[ $target != pgfanout ]]; then
+  # The baselines are published to through their APIs only.
+  for s in fanout-api idle churn ingest-api; do args+=(--only "$s"); done
 else
   for s in fanout fanout-api broadcast idle churn ingest-notify ingest-notify-batch ingest-api; do
     args+=(--only "$s")
@@ -226,7 +291,7 @@ else
 fi
 perf_pid=''
 if ((perf)); then
-  perf record -q -F 999 -g -o "$out/perf.data" -p "$(IFS=,; printf '%s' "${pids[*]}")" 2>"$run_dir/perf.log" &
+  perf record -q -F 999 -g -o "$out/perf.data" -p "$(IFS=,; printf '%s' "${measured[*]}")" 2>"$run_dir/perf.log" &
   perf_pid=$!
 fi
 status=0
@@ -239,9 +304,10 @@ if [[ -n $perf_pid ]]; then
   say "profile: $out/perf-top.txt"
 fi
 for ((i = 0; i < nodes; i++)); do
-  if grep -qiE 'panic|ERROR' "$run_dir/bench-${letters:i:1}.log"; then
+  log=$(node_log "bench-${letters:i:1}")
+  if grep -qiE 'panic|ERROR' "$log"; then
     say "node bench-${letters:i:1} logged errors:"
-    grep -iE 'panic|ERROR' "$run_dir/bench-${letters:i:1}.log" | head -5 >&2
+    grep -iE 'panic|ERROR' "$log" | head -5 >&2
   fi
 done
 say "results: $out/results.csv, $out/results.json"

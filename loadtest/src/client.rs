@@ -100,10 +100,25 @@ pub async fn connect(url: &str, source: Option<Ipv4Addr>) -> anyhow::Result<Ws> 
 
 /// Connects and subscribes; returns the socket once every subscribe is answered.
 async fn open(plan: &Plan) -> anyhow::Result<Ws> {
-    let mut ws = connect(&plan.url, plan.source).await?;
-    if plan.protocol == Protocol::Socketio {
-        return open_socketio(ws, plan).await;
+    match plan.protocol {
+        Protocol::Centrifugo => open_centrifugo(connect(&plan.url, plan.source).await?, plan).await,
+        Protocol::Socketio => open_socketio(connect(&plan.url, plan.source).await?, plan).await,
+        // No subscribe reply: the upgrade is the subscription. For a channel new to that
+        // nginx, Nchan subscribes in Redis after answering the upgrade, so a publication
+        // sent within milliseconds may miss it; in the scenarios each channel's first
+        // subscriber connects long before the first step.
+        Protocol::Nchan => connect(&nchan_url(&plan.url, &plan.channels), plan.source).await,
     }
+}
+
+/// Nchan's subscriber URL: the channel ids after the `/sub/` prefix, several joined by
+/// the `nchan_channel_id_split_delimiter` of `baselines/nchan/nginx.conf.in` (`,`).
+fn nchan_url(prefix: &str, channels: &[String]) -> String {
+    format!("{prefix}{}", channels.join(","))
+}
+
+/// `connect` and every `subscribe` in one frame; open when every reply is in.
+async fn open_centrifugo(mut ws: Ws, plan: &Plan) -> anyhow::Result<Ws> {
     let mut frame = String::from(r#"{"id":1,"connect":{"name":"loadtest"}}"#);
     for (i, channel) in plan.channels.iter().enumerate() {
         frame.push_str(&format!(
@@ -236,6 +251,16 @@ impl Seen {
     }
 }
 
+/// What a server heartbeat looks like in a text frame, and our answer (Nchan's, when it
+/// is turned on, are WebSocket pings, which the WebSocket layer answers).
+fn heartbeat(protocol: Protocol) -> Option<(&'static [u8], &'static str)> {
+    match protocol {
+        Protocol::Centrifugo => Some((b"{}", "{}")),
+        Protocol::Socketio => Some((b"2", "3")),
+        Protocol::Nchan => None,
+    }
+}
+
 /// Runs one connection until `stop` turns true; counts into `stats`.
 pub async fn run(
     plan: Plan,
@@ -280,11 +305,7 @@ pub async fn run(
     };
     let run = plan.run;
     let mut seen = Seen::new(plan.channel_ids);
-    // What a server heartbeat looks like, and our answer.
-    let (ping, pong_text) = match plan.protocol {
-        Protocol::Centrifugo => (&b"{}"[..], "{}"),
-        Protocol::Socketio => (&b"2"[..], "3"),
-    };
+    let heartbeat = heartbeat(plan.protocol);
     drop(plan.channels);
     loop {
         tokio::select! {
@@ -305,7 +326,7 @@ pub async fn run(
                     let mut s = stats.borrow_mut();
                     s.bytes += text.len() as u64;
                     for line in text.as_bytes().split(|&b| b == b'\n') {
-                        if line == ping {
+                        if heartbeat.is_some_and(|(ping, _)| line == ping) {
                             pong = true;
                         } else if let Some(d) = payload::decode(line) {
                             if d.run == run {
@@ -316,8 +337,10 @@ pub async fn run(
                         }
                     }
                 }
-                if pong && ws.send(Message::text(pong_text)).await.is_err() {
-                    return;
+                if let (true, Some((_, answer))) = (pong, heartbeat) {
+                    if ws.send(Message::text(answer)).await.is_err() {
+                        return;
+                    }
                 }
             }
         }
@@ -336,6 +359,19 @@ mod tests {
             "127.0.0.1:8000".parse().unwrap()
         );
         assert!(target("wss://x/").is_err());
+    }
+
+    #[test]
+    fn nchan_subscribes_to_its_channels_in_the_url() {
+        let channels = ["bench3".to_owned(), "bench4".to_owned()];
+        assert_eq!(
+            nchan_url("ws://127.0.0.1:9000/sub/", &channels[..1]),
+            "ws://127.0.0.1:9000/sub/bench3"
+        );
+        assert_eq!(
+            nchan_url("ws://127.0.0.1:9000/sub/", &channels),
+            "ws://127.0.0.1:9000/sub/bench3,bench4"
+        );
     }
 
     #[test]

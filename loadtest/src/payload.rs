@@ -35,11 +35,11 @@ pub struct Delivered {
 }
 
 /// Reads one line of a server frame: `Some` for a `pub` push carrying our payload (a
-/// Centrifugo push, or a Socket.IO `pub` event for the baseline).
+/// Centrifugo push, a Socket.IO `pub` event, or the bare payload as Nchan sends it).
 pub fn decode(line: &[u8]) -> Option<Delivered> {
     let line = if line.starts_with(b"{\"push\"") {
         &line[find(line, b"\"pub\":")?..]
-    } else if line.starts_with(b"42[\"pub\",") {
+    } else if line.starts_with(b"42[\"pub\",") || line.starts_with(b"{\"r\":") {
         line
     } else {
         return None;
@@ -149,6 +149,22 @@ mod tests {
                 ts: 3
             })
         );
+    }
+
+    #[test]
+    fn reads_a_bare_payload() {
+        let p = encode(9, 3, 17, 1_700_000_000_000_000, 100);
+        assert_eq!(
+            decode(p.as_bytes()),
+            Some(Delivered {
+                run: 9,
+                channel: 3,
+                seq: 17,
+                ts: 1_700_000_000_000_000
+            })
+        );
+        // A bare object that is not ours (no run first) is not a publication.
+        assert_eq!(decode(br#"{"c":1,"s":2,"t":3}"#), None);
     }
 
     #[test]

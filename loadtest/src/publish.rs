@@ -1,6 +1,7 @@
 //! Publishing at a set rate through the real paths: `pg_notify`, `pgfanout.publish`, the
-//! HTTP API, or a client's `publish` command. Every payload carries its channel, its
-//! sequence on that channel and its send time.
+//! HTTP API (pgfanout's and the Socket.IO baseline's `POST /api/publish`, or Nchan's
+//! `POST /pub/<channel>`), or a client's `publish` command. Every payload carries its
+//! channel, its sequence on that channel and its send time.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::payload;
-use crate::scenario::{PublishMode, Scenario};
+use crate::scenario::{Protocol, PublishMode, Scenario};
 
 /// One batch: (channel index, channel name, payload) per publication.
 type Batch = Vec<(u32, String, String)>;
@@ -142,6 +143,8 @@ enum Sink {
         url: String,
         key: String,
     },
+    /// Nchan's publisher location: `url` ends in `/pub/`, one publication per request.
+    Nchan { http: reqwest::Client, url: String },
     Client {
         ws: Ws,
         next_id: u32,
@@ -155,8 +158,89 @@ type Ws = futures_util::stream::SplitSink<
     Message,
 >;
 
+/// Why a batch, or part of it, was not accepted.
+struct Refused {
+    error: anyhow::Error,
+    /// The positions in the batch that failed; `None`: all of them.
+    only: Option<Vec<usize>>,
+}
+
+impl Refused {
+    fn all(error: anyhow::Error) -> Self {
+        Self { error, only: None }
+    }
+}
+
+/// Sends one request; an answer other than 2xx is an error that carries the body.
+async fn post(request: reqwest::RequestBuilder) -> anyhow::Result<()> {
+    let resp = request.send().await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return Err(anyhow!("{status}: {text}"));
+    }
+    Ok(())
+}
+
+/// Nchan takes one message per POST: the batch's channels go out side by side, and each
+/// channel's publications one after another, so they reach the bus in sequence order.
+async fn publish_each(http: &reqwest::Client, prefix: &str, batch: &Batch) -> Result<(), Refused> {
+    let results =
+        futures_util::future::join_all(chains(batch).into_iter().map(|positions| async move {
+            let mut failed = Vec::new();
+            let mut first = None;
+            for i in positions {
+                let (_, name, data) = &batch[i];
+                let request = http
+                    .post(format!("{prefix}{name}"))
+                    .header("content-type", "application/json")
+                    .body(data.clone());
+                if let Err(e) = post(request).await {
+                    failed.push(i);
+                    first.get_or_insert(e.context("nchan"));
+                }
+            }
+            (failed, first)
+        }))
+        .await;
+    let mut failed = Vec::new();
+    let mut error = None;
+    for (positions, first) in results {
+        failed.extend(positions);
+        if error.is_none() {
+            error = first;
+        }
+    }
+    match error {
+        None => Ok(()),
+        Some(error) => Err(Refused {
+            error,
+            only: Some(failed),
+        }),
+    }
+}
+
+/// The positions of a batch grouped by channel, each group in batch (sequence) order.
+fn chains(batch: &Batch) -> Vec<Vec<usize>> {
+    let mut chains: Vec<(u32, Vec<usize>)> = Vec::new();
+    for (i, (c, _, _)) in batch.iter().enumerate() {
+        match chains.iter_mut().find(|(channel, _)| channel == c) {
+            Some((_, positions)) => positions.push(i),
+            None => chains.push((*c, vec![i])),
+        }
+    }
+    chains.into_iter().map(|(_, positions)| positions).collect()
+}
+
 impl Sink {
     async fn open(s: &Scenario, index: usize) -> anyhow::Result<Self> {
+        if s.protocol != Protocol::Centrifugo && s.publish != PublishMode::Api {
+            bail!(
+                "the {:?} baseline is published to through its API only (publish = \"api\"), not {:?}",
+                s.protocol,
+                s.publish
+            );
+        }
         match s.publish {
             PublishMode::None => bail!("no publish mode"),
             PublishMode::Notify | PublishMode::Outbox => {
@@ -180,6 +264,10 @@ impl Sink {
                 let many = client.prepare(many).await.context("publisher: prepare")?;
                 Ok(Sink::Sql { client, one, many })
             }
+            PublishMode::Api if s.protocol == Protocol::Nchan => Ok(Sink::Nchan {
+                http: reqwest::Client::builder().tcp_nodelay(true).build()?,
+                url: s.api_urls[index % s.api_urls.len()].clone(),
+            }),
             PublishMode::Api => Ok(Sink::Api {
                 http: reqwest::Client::builder().tcp_nodelay(true).build()?,
                 url: s.api_urls[index % s.api_urls.len()].clone(),
@@ -220,8 +308,17 @@ impl Sink {
         }
     }
 
-    async fn send(&mut self, batch: &Batch) -> anyhow::Result<()> {
+    async fn send(&mut self, batch: &Batch) -> Result<(), Refused> {
         match self {
+            Sink::Nchan { http, url } => publish_each(http, url, batch).await,
+            whole => whole.send_whole(batch).await.map_err(Refused::all),
+        }
+    }
+
+    /// Sends a batch that is accepted or refused as a whole (by Nchan, one by one).
+    async fn send_whole(&mut self, batch: &Batch) -> anyhow::Result<()> {
+        match self {
+            Sink::Nchan { http, url } => publish_each(http, url, batch).await.map_err(|r| r.error),
             Sink::Sql { client, one, many } => {
                 if batch.len() == 1 {
                     client.execute(&*one, &[&batch[0].1, &batch[0].2]).await?;
@@ -242,19 +339,12 @@ impl Sink {
                 } else {
                     format!("[{}]", items.join(","))
                 };
-                let resp = http
+                let request = http
                     .post(url.as_str())
                     .header("authorization", format!("apikey {key}"))
                     .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await?;
-                if !resp.status().is_success() {
-                    let status = resp.status();
-                    let text = resp.text().await.unwrap_or_default();
-                    return Err(anyhow!("api {status}: {text}"));
-                }
-                Ok(())
+                    .body(body);
+                post(request).await.context("api")
             }
             Sink::Client { ws, next_id, .. } => {
                 let mut frame = String::new();
@@ -278,17 +368,21 @@ impl Sink {
             ..Published::default()
         };
         while let Some(batch) = rx.recv().await {
-            match self.send(&batch).await {
-                Ok(()) => {
-                    for (c, _, _) in &batch {
-                        out.per_channel[*c as usize] += 1;
-                    }
+            let mut failed = vec![false; batch.len()];
+            if let Err(refused) = self.send(&batch).await {
+                match refused.only {
+                    Some(positions) => positions.into_iter().for_each(|i| failed[i] = true),
+                    None => failed.fill(true),
                 }
-                Err(e) => {
-                    out.errors += batch.len() as u64;
-                    if out.first_error.is_none() {
-                        out.first_error = Some(format!("{e:#}"));
-                    }
+                if out.first_error.is_none() {
+                    out.first_error = Some(format!("{:#}", refused.error));
+                }
+            }
+            for ((c, _, _), failed) in batch.iter().zip(failed) {
+                if failed {
+                    out.errors += 1;
+                } else {
+                    out.per_channel[*c as usize] += 1;
                 }
             }
         }
@@ -311,5 +405,20 @@ impl Sink {
             reader.abort();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_chain_per_channel_in_sequence_order() {
+        let batch: Batch = [4, 6, 4, 8, 6, 4]
+            .into_iter()
+            .map(|c| (c, format!("bench{c}"), String::new()))
+            .collect();
+        assert_eq!(chains(&batch), vec![vec![0, 2, 5], vec![1, 4], vec![3]]);
+        assert!(chains(&Batch::new()).is_empty());
     }
 }

@@ -33,6 +33,10 @@ pub enum Protocol {
     /// Socket.IO v4 over a WebSocket (Engine.IO 4), for the baseline in
     /// `loadtest/baselines/socketio`: `subscribe` events with an ack, `pub` events.
     Socketio,
+    /// Nchan (`loadtest/baselines/nchan`): the channels are in the URL (`urls` end in
+    /// `/sub/`, the tool appends `<a>,<b>`), each message is one text frame holding the
+    /// bare payload; `api_urls` end in `/pub/` and take one publication per POST.
+    Nchan,
 }
 
 /// How connections pick their channels.
