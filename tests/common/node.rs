@@ -388,7 +388,7 @@ impl Node {
         );
         let log_err = log.try_clone().map_err(|err| format!("clone log: {err}"))?;
 
-        let mut command = Command::new(env!("CARGO_BIN_EXE_pgfanout"));
+        let mut command = Command::new(binary());
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("PGFANOUT_") {
                 command.env_remove(key);
@@ -421,7 +421,7 @@ impl Node {
             .stdout(log)
             .stderr(log_err)
             .spawn()
-            .map_err(|err| format!("spawn {}: {err}", env!("CARGO_BIN_EXE_pgfanout")))?;
+            .map_err(|err| format!("spawn {}: {err}", binary()))?;
         self.child = Some(child);
         Ok(())
     }
@@ -434,6 +434,12 @@ impl Drop for Node {
         }
         self.kill();
     }
+}
+
+/// The `pgfanout` binary nodes run: this build's, or `PGFANOUT_TEST_BIN` (another build, e.g.
+/// to measure before and after a change with the same test).
+fn binary() -> String {
+    std::env::var("PGFANOUT_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pgfanout").into())
 }
 
 /// Sums the samples of metric `name` in Prometheus text (any labels, comments skipped).

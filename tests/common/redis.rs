@@ -54,6 +54,11 @@ impl RedisServer {
         self.port
     }
 
+    /// The process id while it runs (e.g. to read its CPU time from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the server (SIGKILL, so clients see their connections drop) and reaps it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
