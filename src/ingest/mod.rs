@@ -51,6 +51,8 @@ pub(crate) fn connection_config(
 pub const MARKER_CHANNEL: &str = "pgfanout_ingest_marker";
 /// Notifications read from the socket but not yet buffered.
 const NOTIFICATION_QUEUE: usize = 1024;
+/// Notifications the LISTEN loop takes from that queue at once (buffered under one lock).
+const READ_BATCH: usize = 256;
 /// A silent connection (a cut network) is detected by this query at least this often.
 const LIVENESS_PERIOD: Duration = Duration::from_secs(5);
 const LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
@@ -176,11 +178,27 @@ impl Ingest {
 
         let mut liveness = tokio::time::interval(LIVENESS_PERIOD);
         liveness.tick().await;
+        let mut batch = Vec::with_capacity(READ_BATCH);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                n = notifications.recv() => match n {
-                    Some(n) if n.channel() == MARKER_CHANNEL => {
+                n = notifications.recv_many(&mut batch, READ_BATCH) => {
+                    if n == 0 {
+                        return match driver.await {
+                            Ok(Err(e)) => Err(e.into()),
+                            _ => Err(IngestError::Closed),
+                        };
+                    }
+                    // In stream order: a marker between two notifications stays there.
+                    let mut run = Vec::with_capacity(batch.len());
+                    for n in batch.drain(..) {
+                        if n.channel() != MARKER_CHANNEL {
+                            run.push(n);
+                            continue;
+                        }
+                        if !self.buffer(std::mem::take(&mut run), cancel).await {
+                            return Ok(());
+                        }
                         self.shared.lock().mark(n.payload());
                         if n.payload() == first_marker {
                             self.health.set_postgres(true);
@@ -190,18 +208,10 @@ impl Ingest {
                             let _ = done.send(());
                         }
                     }
-                    Some(n) => {
-                        if !self.buffer(&n, cancel).await {
-                            return Ok(());
-                        }
+                    if !self.buffer(run, cancel).await {
+                        return Ok(());
                     }
-                    None => {
-                        return match driver.await {
-                            Ok(Err(e)) => Err(e.into()),
-                            _ => Err(IngestError::Closed),
-                        };
-                    }
-                },
+                }
                 Some(barrier) = recv_barrier(barriers) => {
                     let id = self.next_marker(markers);
                     pending.entry(id.clone()).or_default().push(barrier.done);
@@ -230,31 +240,52 @@ impl Ingest {
         format!("{}:{:x}", self.instance, *markers)
     }
 
-    /// Buffers one notification; an owner whose bridge is behind by a full buffer waits
-    /// for it (Postgres keeps the rest queued) rather than drop. False when cancelled.
-    async fn buffer(&self, n: &Notification, cancel: &CancellationToken) -> bool {
-        metrics::counter!(m::NOTIFICATIONS_RECEIVED).increment(1);
-        let shard = {
-            let state = self.shared.lock();
-            shards::shard_of(n.channel(), state.shard_count())
-        };
-        let channel: Arc<str> = Arc::from(n.channel());
-        let data = payload_to_json(n.payload());
-        loop {
-            let pushed = self
-                .shared
-                .lock()
-                .push(shard, channel.clone(), data.clone());
-            if pushed.is_ok() {
-                self.shared.work[shard].notify_one();
-                return true;
+    /// Buffers notifications, in order, under one lock while they fit; an owner whose
+    /// bridge is behind by a full buffer waits for it (Postgres keeps the rest queued)
+    /// rather than drop. False when cancelled.
+    async fn buffer(&self, batch: Vec<Notification>, cancel: &CancellationToken) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        metrics::counter!(m::NOTIFICATIONS_RECEIVED).increment(batch.len() as u64);
+        let shards = self.shared.lock().shard_count();
+        let mut items = batch.iter().map(|n| {
+            (
+                shards::shard_of(n.channel(), shards),
+                Arc::<str>::from(n.channel()),
+                payload_to_json(n.payload()),
+            )
+        });
+        let mut next = items.next();
+        let mut woken = vec![false; shards];
+        while let Some((shard, channel, data)) = next.take() {
+            let full = {
+                let mut state = self.shared.lock();
+                let mut item = Some((shard, channel, data));
+                while let Some((shard, channel, data)) = item.take() {
+                    if state.push(shard, channel.clone(), data.clone()).is_err() {
+                        item = Some((shard, channel, data));
+                        break;
+                    }
+                    woken[shard] = true;
+                    item = items.next();
+                }
+                item
+            };
+            for (shard, woken) in woken.iter_mut().enumerate() {
+                if std::mem::take(woken) {
+                    self.shared.work[shard].notify_one();
+                }
             }
+            let Some(full) = full else { break };
             tokio::select! {
                 _ = cancel.cancelled() => return false,
                 _ = self.shared.progress.notified() => {}
                 _ = tokio::time::sleep(BACKPRESSURE_POLL) => {}
             }
+            next = Some(full);
         }
+        true
     }
 }
 
