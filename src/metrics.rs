@@ -23,6 +23,7 @@ pub const MESSAGES_DELIVERED: &str = "pgfanout_messages_delivered_total";
 pub const MESSAGES_DROPPED: &str = "pgfanout_messages_dropped_total";
 pub const BUS_PUBLISHED: &str = "pgfanout_bus_published_total";
 pub const BUS_PUBLISH_SECONDS: &str = "pgfanout_bus_publish_seconds";
+pub const BUS_PUBLISH_BATCH: &str = "pgfanout_bus_publish_batch_size";
 pub const NOTIFICATIONS_RECEIVED: &str = "pgfanout_notifications_received_total";
 pub const POSTGRES_RECONNECTS: &str = "pgfanout_postgres_reconnects_total";
 pub const REDIS_RECONNECTS: &str = "pgfanout_redis_reconnects_total";
@@ -74,6 +75,8 @@ const DEPTH_BUCKETS: &[f64] = &[
     65536.0,
     1_000_000.0,
 ];
+/// Buckets of the publish batch size histogram (publications), up to the largest batch.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 pub const AUTH_FAILURES: &str = "pgfanout_auth_failures_total";
 pub const JWKS_RELOADS: &str = "pgfanout_jwks_reloads_total";
 
@@ -105,7 +108,12 @@ fn describe() {
     describe_histogram!(
         BUS_PUBLISH_SECONDS,
         Unit::Seconds,
-        "Time to publish one message on the bus"
+        "Time of one publish on the bus: one message, or one batch of them"
+    );
+    describe_histogram!(
+        BUS_PUBLISH_BATCH,
+        "Publications per publish on the bus (a shard bridge or an outbox claimer with a \
+         backlog sends up to 256 per Redis round trip)"
     );
     describe_counter!(
         NOTIFICATIONS_RECEIVED,
@@ -259,7 +267,12 @@ pub fn register() {
         metrics::counter!(BUS_PUBLISHED, "source" => source).absolute(0);
     }
     // Registering a histogram is creating its handle; it renders with zero counts.
-    for histogram in [BUS_PUBLISH_SECONDS, CLIENT_QUEUE_DEPTH, DELIVERY_LATENCY] {
+    for histogram in [
+        BUS_PUBLISH_SECONDS,
+        BUS_PUBLISH_BATCH,
+        CLIENT_QUEUE_DEPTH,
+        DELIVERY_LATENCY,
+    ] {
         let _ = metrics::histogram!(histogram);
     }
     metrics::counter!(NOTIFICATIONS_RECEIVED).absolute(0);
@@ -323,6 +336,7 @@ pub fn install(node_id: &str, cancel: CancellationToken) -> Result<PrometheusHan
         .add_global_label("node", node_id)
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(CLIENT_QUEUE_DEPTH.to_owned()), DEPTH_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(BUS_PUBLISH_BATCH.to_owned()), BATCH_BUCKETS)?
         .install_recorder()?;
     describe();
     register();

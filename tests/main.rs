@@ -8,6 +8,7 @@ mod api_publish;
 mod auth_tokens;
 mod bad_input;
 mod browser;
+mod bus_batch;
 mod cluster;
 mod delivery;
 mod demo;

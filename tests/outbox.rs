@@ -218,6 +218,9 @@ async fn the_outbox_loses_and_repeats_nothing_when_every_node_dies() -> anyhow::
         ("PGFANOUT_LEASE_TTL", "1500ms"),
         ("PGFANOUT_HISTORY_SIZE", "20000"),
         ("PGFANOUT_RECOVERY_MAX_PUBLICATIONS", "20000"),
+        // The restarted nodes drain the backlog in batches of hundreds per round trip: a
+        // follower (a debug-build test client) must not be cut as a slow consumer meanwhile.
+        ("PGFANOUT_CLIENT_QUEUE_SIZE", "20000"),
     ];
     let mut cluster = Cluster::start_with(3, &[], true, &env).await;
     cluster.wait_bridged().await?;

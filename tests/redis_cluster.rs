@@ -729,6 +729,123 @@ async fn the_lease_fence_holds_across_slots() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_batch_across_slots_records_its_settled_prefix() -> anyhow::Result<()> {
+    use pgfanout::bus::redis::{RedisBus, Target};
+    use pgfanout::bus::{Fence, FenceRecord, PublishOutcome, PublishRequest, Source};
+    let redis = RedisCluster::start(3, 0).await;
+    let seeds: Vec<String> = redis.seeds().split(',').map(str::to_owned).collect();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let history = std::sync::Arc::new(pgfanout::bus::HistoryPolicy::uniform(
+        100,
+        Duration::from_secs(60),
+        Duration::from_secs(600),
+    ));
+    let hub = std::sync::Arc::new(pgfanout::hub::Hub::new());
+    let bus = RedisBus::connect_to(
+        Target::Cluster(&seeds),
+        hub,
+        history,
+        &tracker,
+        cancel.clone(),
+    )
+    .await?;
+    // Two channels on two different masters.
+    let any = redis.running()[0];
+    let mut by_master: BTreeMap<u16, String> = BTreeMap::new();
+    for i in 0..100 {
+        let c = format!("batch{i}");
+        let master = redis
+            .master_of_slot(any, pgfanout::bus::slot::of(c.as_bytes()))
+            .await?;
+        by_master.entry(master).or_insert(c);
+        if by_master.len() == 2 {
+            break;
+        }
+    }
+    let channels: Vec<String> = by_master.into_values().collect();
+    ensure!(channels.len() == 2, "two masters");
+    let lease = "pgfanout:{ingest}:lease:5";
+    let record = "pgfanout:{ingest}:pos:5";
+    redis
+        .cli(any, &["-c", "SET", lease, "mine", "PX", "10000"])
+        .await?;
+    let fences: Vec<Fence> = (1..=4)
+        .map(|n| Fence {
+            key: lease.to_string(),
+            token: "mine".to_string(),
+            record: Some(FenceRecord {
+                key: record.to_string(),
+                value: format!("m {n}"),
+            }),
+        })
+        .collect();
+    let (a, b) = (channels[0].as_str(), channels[1].as_str());
+    let order = [a, b, a, b];
+    let requests: Vec<PublishRequest<'_>> = order
+        .iter()
+        .zip(&fences)
+        .map(|(channel, fence)| PublishRequest {
+            channel,
+            data: bytes::Bytes::from_static(b"{}"),
+            idempotency_key: None,
+            fence: Some(fence),
+            source: Source::Notify,
+            received_at: None,
+        })
+        .collect();
+    let offsets = |outcomes: &[Result<PublishOutcome, pgfanout::bus::BusError>]| {
+        outcomes
+            .iter()
+            .map(|o| match o {
+                Ok(PublishOutcome::Published { offset, .. }) => format!("P{offset}"),
+                Ok(PublishOutcome::Duplicate { .. }) => "D".to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = bus.publish_batch(&requests[..3]).await;
+    ensure!(
+        offsets(&first) == ["P1", "P1", "P2"],
+        "{:?}",
+        offsets(&first)
+    );
+    let recorded = redis.cli(any, &["-c", "GET", record]).await?;
+    ensure!(
+        recorded.trim() == "m 3",
+        "record after the batch: {recorded}"
+    );
+    // A retry (or a takeover republishing from an older record) only adds what is new.
+    let retry = bus.publish_batch(&requests).await;
+    ensure!(
+        offsets(&retry) == ["D", "D", "D", "P2"],
+        "{:?}",
+        offsets(&retry)
+    );
+    let recorded = redis.cli(any, &["-c", "GET", record]).await?;
+    ensure!(
+        recorded.trim() == "m 4",
+        "record after the retry: {recorded}"
+    );
+    // Another holder's token: every publication is fenced, nothing recorded.
+    redis
+        .cli(any, &["-c", "SET", lease, "theirs", "PX", "10000"])
+        .await?;
+    let fenced = bus.publish_batch(&requests).await;
+    ensure!(
+        fenced.iter().all(|o| matches!(
+            o,
+            Ok(PublishOutcome::Fenced) | Err(pgfanout::bus::BusError::NotAttempted)
+        )),
+        "{fenced:?}"
+    );
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_events_are_published_once_on_the_cluster() -> anyhow::Result<()> {
     let db = TestDb::create().await;
     let redis = RedisCluster::start(3, 0).await;

@@ -31,6 +31,12 @@
 //!   the shard's stream position) atomically with it; on a Cluster the record lives in the
 //!   shard's slot, so the atomic part becomes a dedupe key named after the record in the
 //!   channel's slot, and the record follows the publication ([`write_record`]).
+//! - **Batches.** A batch checks each lease once, then sends one publish script call per slot
+//!   (all slots at once; a call stops at its first publication not applied, so a channel's
+//!   order holds), then writes each fence record once: the value of the last publication of
+//!   the batch's settled prefix (every publication before it published or a duplicate). What
+//!   other slots published past that prefix is unrecorded but carries its dedupe key, so a
+//!   retry or a takeover republishing it gets "duplicate".
 //!
 //! The rule for every key on the bus: one script or pipeline touches one slot. Channel keys
 //! share `{channel}`; the ingest keys (leases, live nodes, positions) share `{ingest}`.

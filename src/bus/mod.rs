@@ -1,9 +1,10 @@
 //! The bus every node shares: it gives each publication its per-channel offset, keeps the
 //! channel's history and epoch, and delivers publications to the local hub in bus order.
 //!
-//! Two implementations with the same semantics: Redis (one atomic script per publication,
-//! one pub/sub subscription per locally live channel; one Redis or a Redis Cluster with
-//! sharded pub/sub, see `cluster`) and in-memory (a single node).
+//! Two implementations with the same semantics: Redis (one script call per batch of
+//! publications, each publication atomic and in order; one pub/sub subscription per locally
+//! live channel; one Redis or a Redis Cluster with sharded pub/sub, see `cluster`) and
+//! in-memory (a single node).
 
 pub mod cluster;
 pub mod connection;
@@ -102,7 +103,7 @@ pub struct FenceRecord {
     pub value: String,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PublishRequest<'a> {
     pub channel: &'a str,
     /// Valid JSON.
@@ -198,8 +199,14 @@ pub const DEDUPE_TTL: Duration = Duration::from_secs(600);
 pub enum BusError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// A script call for several publications failed: the outcome of each is unknown.
+    #[error("redis: {0}")]
+    Batch(Arc<::redis::RedisError>),
     #[error("unexpected reply from the bus script: {0}")]
     Protocol(String),
+    /// Not sent: an earlier publication of the batch (on its channel) was not applied.
+    #[error("not attempted: an earlier publication of the batch was not applied")]
+    NotAttempted,
     #[error("the bus is shutting down")]
     Closed,
 }
@@ -218,19 +225,41 @@ impl Bus {
     /// Redis unreachable or a script failure; the publication may or may not have
     /// happened (retry with the same idempotency key to be sure).
     pub async fn publish(&self, req: PublishRequest<'_>) -> Result<PublishOutcome, BusError> {
+        self.publish_batch(std::slice::from_ref(&req))
+            .await
+            .pop()
+            .unwrap_or(Err(BusError::NotAttempted))
+    }
+
+    /// Publishes `reqs` in order with as few bus round trips as possible (Redis: one script
+    /// call per up to 256 publications, or per slot on a Cluster), each publication with the
+    /// guarantees of [`Bus::publish`]. One answer per request, in order. A request is never
+    /// applied after an earlier request of its channel that was not (fenced, failed, or
+    /// [`BusError::NotAttempted`]); a failed call answers an error for each of its requests
+    /// (their outcome is unknown: retry them, in order, with the same idempotency keys or
+    /// fence records).
+    pub async fn publish_batch(
+        &self,
+        reqs: &[PublishRequest<'_>],
+    ) -> Vec<Result<PublishOutcome, BusError>> {
+        if reqs.is_empty() {
+            return Vec::new();
+        }
         let started = std::time::Instant::now();
-        let source = req.source;
-        let outcome = match self {
-            Self::Memory(b) => Ok(b.publish(req)),
-            Self::Redis(b) => b.publish(req).await,
+        let outcomes = match self {
+            Self::Memory(b) => reqs.iter().map(|r| Ok(b.publish(r.clone()))).collect(),
+            Self::Redis(b) => b.publish_batch(reqs).await,
         };
         metrics::histogram!(crate::metrics::BUS_PUBLISH_SECONDS)
             .record(started.elapsed().as_secs_f64());
-        if let Ok(PublishOutcome::Published { .. }) = &outcome {
-            metrics::counter!(crate::metrics::BUS_PUBLISHED, "source" => source.label())
-                .increment(1);
+        metrics::histogram!(crate::metrics::BUS_PUBLISH_BATCH).record(reqs.len() as f64);
+        for (req, outcome) in reqs.iter().zip(&outcomes) {
+            if let Ok(PublishOutcome::Published { .. }) = outcome {
+                metrics::counter!(crate::metrics::BUS_PUBLISHED, "source" => req.source.label())
+                    .increment(1);
+            }
         }
-        outcome
+        outcomes
     }
 
     /// Makes sure publications of `channel` reach this node's hub; call after adding a

@@ -9,8 +9,8 @@
 //! key, and delete it. A node that dies between publishing and committing leaves the rows;
 //! whoever takes them next publishes them again and the bus drops them as duplicates.
 //! A node runs `PGFANOUT_OUTBOX_WORKERS` claimers (one connection each), so several
-//! partitions move at once; within a batch, the channels are published concurrently, each
-//! in id order.
+//! partitions move at once; a batch goes to the bus in one publish (one Redis round trip per
+//! 256 rows, or per slot on a Cluster), each channel's rows in id order.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -181,27 +181,11 @@ impl Outbox {
         }
         let _owned = Owned::claim();
         let rows = tx.query(select, &[&part, &i64::from(self.batch)]).await?;
-        // Channels are independent: each one's rows go out in id order, the channels at once.
-        let mut channels: Vec<(&str, Vec<(i64, &str)>)> = Vec::new();
-        for row in &rows {
-            let (id, channel, data): (i64, &str, &str) = (row.get(0), row.get(1), row.get(2));
-            match channels.iter_mut().find(|(c, _)| *c == channel) {
-                Some((_, list)) => list.push((id, data)),
-                None => channels.push((channel, vec![(id, data)])),
-            }
-        }
-        let results = futures_util::future::join_all(
-            channels
-                .iter()
-                .map(|(channel, list)| self.publish_channel(channel, list)),
-        )
-        .await;
-        let mut done = Vec::with_capacity(rows.len());
-        let mut failure = None;
-        for (published, error) in results {
-            done.extend(published);
-            failure = failure.or(error);
-        }
+        let rows: Vec<(i64, &str, &str)> = rows
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect();
+        let (done, failure) = self.publish_rows(&rows).await;
         if !done.is_empty() {
             tx.execute(
                 "DELETE FROM pgfanout.outbox WHERE part = $1 AND id = ANY($2)",
@@ -211,51 +195,72 @@ impl Outbox {
         }
         tx.commit().await?;
         match failure {
-            Some(e) => Err(e),
+            Some(e) => Err(e.into()),
             None => Ok(Some(rows.len())),
         }
     }
 
-    /// Publishes one channel's rows in order, stopping at the first failure: the ids
-    /// published, and the failure.
-    async fn publish_channel(
-        &self,
-        channel: &str,
-        rows: &[(i64, &str)],
-    ) -> (Vec<i64>, Option<OutboxError>) {
+    /// Publishes rows (in id order) in one bus batch, each with its idempotency key: the ids
+    /// settled (published, duplicates, or dropped for an invalid channel), and the first
+    /// failure. A channel's rows after its first failure stay for the next batch.
+    async fn publish_rows(&self, rows: &[(i64, &str, &str)]) -> (Vec<i64>, Option<BusError>) {
         let mut done = Vec::with_capacity(rows.len());
-        for (id, data) in rows {
-            if let Err(e) = self.publish(*id, channel, data).await {
-                return (done, Some(e));
+        let mut sent = Vec::with_capacity(rows.len());
+        for (id, channel, data) in rows {
+            if valid_channel(channel) {
+                sent.push((*id, *channel, format!("outbox:{id}"), *data));
+            } else {
+                tracing::warn!(
+                    id,
+                    channel,
+                    "outbox row on an invalid channel name; dropped"
+                );
+                metrics::counter!(m::MESSAGES_DROPPED, "reason" => "invalid_channel").increment(1);
+                done.push(*id);
             }
-            done.push(*id);
         }
-        (done, None)
-    }
-
-    async fn publish(&self, id: i64, channel: &str, data: &str) -> Result<(), OutboxError> {
-        if !valid_channel(channel) {
-            tracing::warn!(
-                id,
+        let requests: Vec<PublishRequest<'_>> = sent
+            .iter()
+            .map(|(_, channel, key, data)| PublishRequest {
                 channel,
-                "outbox row on an invalid channel name; dropped"
-            );
-            metrics::counter!(m::MESSAGES_DROPPED, "reason" => "invalid_channel").increment(1);
-            return Ok(());
+                data: Bytes::copy_from_slice(data.as_bytes()),
+                idempotency_key: Some(key),
+                fence: None,
+                source: Source::Outbox,
+                received_at: None,
+            })
+            .collect();
+        let outcomes = self.bus.publish_batch(&requests).await;
+        let mut failure = None;
+        let mut stopped: Vec<&str> = Vec::new();
+        let mut duplicates = 0u64;
+        for ((id, channel, _, _), outcome) in sent.iter().zip(outcomes) {
+            if stopped.contains(channel) {
+                continue;
+            }
+            match outcome {
+                Ok(PublishOutcome::Published { .. }) => done.push(*id),
+                Ok(PublishOutcome::Duplicate { .. }) => {
+                    duplicates += 1;
+                    done.push(*id);
+                }
+                // Unfenced: not an answer the bus gives here; kept for the next batch.
+                Ok(PublishOutcome::Fenced) => stopped.push(channel),
+                Err(e) => {
+                    if !matches!(e, BusError::NotAttempted) {
+                        failure.get_or_insert(e);
+                    }
+                    stopped.push(channel);
+                }
+            }
         }
-        let key = format!("outbox:{id}");
-        let request = PublishRequest {
-            channel,
-            data: Bytes::copy_from_slice(data.as_bytes()),
-            idempotency_key: Some(&key),
-            fence: None,
-            source: Source::Outbox,
-            received_at: None,
-        };
-        if let PublishOutcome::Duplicate { .. } = self.bus.publish(request).await? {
-            metrics::counter!(m::INGEST_DUPLICATES, "path" => "outbox").increment(1);
+        if duplicates > 0 {
+            metrics::counter!(m::INGEST_DUPLICATES, "path" => "outbox").increment(duplicates);
         }
-        Ok(())
+        if failure.is_none() && !stopped.is_empty() {
+            failure = Some(BusError::NotAttempted);
+        }
+        (done, failure)
     }
 }
 

@@ -21,9 +21,9 @@ use redis::Script;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::stream::{Position, StreamState};
+use super::stream::{Answer, Job, Position, StreamState};
 use crate::bus::connection::RedisConnection;
-use crate::bus::{Bus, Fence, FenceRecord, PublishOutcome, PublishRequest, Source};
+use crate::bus::{Bus, BusError, Fence, FenceRecord, PublishOutcome, PublishRequest, Source};
 use crate::metrics as m;
 
 /// How long a takeover waits for its marker to come back through Postgres, at most (and
@@ -550,64 +550,96 @@ fn parse_claim(values: Vec<redis::Value>, shards: usize) -> Option<Claim> {
     })
 }
 
-/// Publishes the notifications of one shard, in order, while this node bridges it.
+/// Notifications a bridge sends per bus publish at most (its backlog, in order; the bus
+/// splits what goes beyond one script call). A bridge without a backlog sends what it has.
+pub const BRIDGE_BATCH: usize = 256;
+
+/// Publishes the notifications of one shard, in order, while this node bridges it: what has
+/// arrived since the last publish (up to [`BRIDGE_BATCH`]) in one bus publish.
 pub async fn bridge(shard: usize, shared: Arc<Shared>, bus: Bus, cancel: CancellationToken) {
     let mut delay = Duration::from_millis(50);
     loop {
-        let job = shared.lock().next_job(shard);
+        let job = shared.lock().next_job(shard, BRIDGE_BATCH);
         let Some(job) = job else {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = shared.work[shard].notified() => continue,
             }
         };
-        let fence = job.token.as_ref().map(|token| Fence {
-            key: keys::lease(shard),
-            token: token.to_string(),
-            record: job.entry.position.as_ref().map(|p| FenceRecord {
-                key: keys::position(shard),
-                value: p.encode(),
-            }),
-        });
-        let request = PublishRequest {
-            channel: &job.entry.channel,
-            data: job.entry.data.clone(),
+        let (answers, error) = publish_job(shard, &job, &bus).await;
+        let settled = shared.lock().settle(shard, &job, &answers);
+        if settled.duplicates > 0 {
+            metrics::counter!(m::INGEST_DUPLICATES, "path" => "notify")
+                .increment(settled.duplicates as u64);
+        }
+        if settled.fenced {
+            metrics::counter!(m::MESSAGES_DROPPED, "reason" => "fenced").increment(1);
+        }
+        if settled.settled > 0 || settled.fenced {
+            shared.progress.notify_waiters();
+        }
+        if !settled.failed {
+            delay = Duration::from_millis(50);
+            continue;
+        }
+        // The position records make the retry exact: what the failed publish did put on
+        // the bus answers "duplicate" (see `bus/publish.lua`).
+        let error = error.map_or_else(|| "no answer".to_owned(), |e| e.to_string());
+        tracing::warn!(%error, shard, retry_in = ?delay, "bus publish failed");
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Publishes a job's notifications, each fenced by the shard's lease and recording its
+/// position: the bus's answers, in order, and its first error.
+async fn publish_job(shard: usize, job: &Job, bus: &Bus) -> (Vec<Answer>, Option<BusError>) {
+    let fences: Vec<Option<Fence>> = job
+        .entries
+        .iter()
+        .map(|entry| {
+            job.token.as_ref().map(|token| Fence {
+                key: keys::lease(shard),
+                token: token.to_string(),
+                record: entry.position.as_ref().map(|p| FenceRecord {
+                    key: keys::position(shard),
+                    value: p.encode(),
+                }),
+            })
+        })
+        .collect();
+    let requests: Vec<PublishRequest<'_>> = job
+        .entries
+        .iter()
+        .zip(&fences)
+        .map(|(entry, fence)| PublishRequest {
+            channel: &entry.channel,
+            data: entry.data.clone(),
             idempotency_key: None,
             fence: fence.as_ref(),
             source: Source::Notify,
-            received_at: Some(job.entry.received_at),
-        };
-        match bus.publish(request).await {
-            Ok(outcome) => {
-                delay = Duration::from_millis(50);
-                let mut state = shared.lock();
-                match outcome {
-                    PublishOutcome::Fenced => {
-                        metrics::counter!(m::MESSAGES_DROPPED, "reason" => "fenced").increment(1);
-                        state.fenced(shard, job.generation);
-                    }
-                    PublishOutcome::Duplicate { .. } => {
-                        metrics::counter!(m::INGEST_DUPLICATES, "path" => "notify").increment(1);
-                        state.done(shard, job.generation, job.entry.idx);
-                    }
-                    PublishOutcome::Published { .. } => {
-                        state.done(shard, job.generation, job.entry.idx);
-                    }
-                }
-                drop(state);
-                shared.progress.notify_waiters();
-            }
+            received_at: Some(entry.received_at),
+        })
+        .collect();
+    let mut error = None;
+    let answers = bus
+        .publish_batch(&requests)
+        .await
+        .into_iter()
+        .map(|outcome| match outcome {
+            Ok(PublishOutcome::Published { .. }) => Answer::Published,
+            Ok(PublishOutcome::Duplicate { .. }) => Answer::Duplicate,
+            Ok(PublishOutcome::Fenced) => Answer::Fenced,
             Err(e) => {
-                // The position record makes the retry idempotent: same entry, same value.
-                tracing::warn!(error = %e, shard, retry_in = ?delay, "bus publish failed");
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(2));
+                error.get_or_insert(e);
+                Answer::Failed
             }
-        }
-    }
+        })
+        .collect();
+    (answers, error)
 }
 
 /// The shard of a channel: FNV-1a, stable across nodes, versions and restarts.

@@ -122,12 +122,37 @@ pub struct Takeover {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Full;
 
-/// The next notification the bridge of a shard must publish.
+/// The next notifications the bridge of a shard must publish, in order.
 #[derive(Debug, Clone)]
 pub struct Job {
-    pub entry: Entry,
+    /// Consecutive: the first is the one at the owner's cursor.
+    pub entries: Vec<Entry>,
     pub token: Option<Arc<str>>,
     pub generation: u64,
+}
+
+/// What the bus answered for one notification of a [`Job`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Published,
+    /// Already on the bus (a retry, or the previous owner's).
+    Duplicate,
+    /// The lease was gone: nothing from here on was published.
+    Fenced,
+    /// Failed or not attempted: retry from here.
+    Failed,
+}
+
+/// What [`StreamState::settle`] made of a job's answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Notifications the cursor moved past (published or duplicates), from the first.
+    pub settled: usize,
+    pub duplicates: usize,
+    /// The ownership ended (fenced).
+    pub fenced: bool,
+    /// The rest of the job must be retried.
+    pub failed: bool,
 }
 
 /// The ingest state of one LISTEN connection (reset when it reconnects).
@@ -324,29 +349,69 @@ impl StreamState {
         self.shards.iter().map(|s| s.bytes).sum()
     }
 
-    /// The next notification to publish on `shard`, if this node bridges it.
-    pub fn next_job(&self, shard: usize) -> Option<Job> {
+    /// The next notifications to publish on `shard` (at most `max`, from the cursor, in
+    /// order), if this node bridges it and has any.
+    pub fn next_job(&self, shard: usize, max: usize) -> Option<Job> {
         let s = &self.shards[shard];
         let owner = s.owner.as_ref()?;
         let first = s.entries.front()?.idx;
         let at = usize::try_from(owner.cursor.checked_sub(first)?).ok()?;
-        let entry = s.entries.get(at)?.clone();
+        if at >= s.entries.len() {
+            return None;
+        }
+        let entries: Vec<Entry> = s.entries.range(at..).take(max.max(1)).cloned().collect();
         Some(Job {
-            entry,
+            entries,
             token: owner.token.clone(),
             generation: owner.generation,
         })
     }
 
-    /// The publication of `idx` is settled (published, or found on the bus already).
-    pub fn done(&mut self, shard: usize, generation: u64, idx: u64) {
+    /// Applies the bus's answers to `job`, in order: the cursor moves past every published
+    /// or duplicate notification up to the first other answer; a fenced one ends the
+    /// ownership; a failed one (and everything after it, whatever it answered) is retried.
+    /// Answers of an older ownership change nothing.
+    pub fn settle(&mut self, shard: usize, job: &Job, answers: &[Answer]) -> Settled {
+        let mut out = Settled::default();
+        for (entry, answer) in job.entries.iter().zip(answers) {
+            match answer {
+                Answer::Published | Answer::Duplicate => {
+                    if !self.done(shard, job.generation, entry.idx) {
+                        return out;
+                    }
+                    out.settled += 1;
+                    if *answer == Answer::Duplicate {
+                        out.duplicates += 1;
+                    }
+                }
+                Answer::Fenced => {
+                    self.fenced(shard, job.generation);
+                    out.fenced = true;
+                    return out;
+                }
+                Answer::Failed => {
+                    out.failed = true;
+                    return out;
+                }
+            }
+        }
+        // Fewer answers than notifications: the rest is retried.
+        out.failed |= answers.len() < job.entries.len();
+        out
+    }
+
+    /// The publication of `idx` is settled (published, or found on the bus already): true
+    /// when that moved the cursor of the current ownership.
+    pub fn done(&mut self, shard: usize, generation: u64, idx: u64) -> bool {
         let s = &mut self.shards[shard];
         if let Some(owner) = &mut s.owner {
             if owner.generation == generation && owner.cursor == idx {
                 owner.cursor += 1;
                 s.bridged = s.bridged.max(idx);
+                return true;
             }
         }
+        false
     }
 
     /// The lease of this ownership was gone when we published.
@@ -369,11 +434,15 @@ mod tests {
 
     fn drain(s: &mut StreamState, shard: usize) -> Vec<String> {
         let mut out = Vec::new();
-        while let Some(job) = s.next_job(shard) {
-            out.push(String::from_utf8(job.entry.data.to_vec()).unwrap());
-            s.done(shard, job.generation, job.entry.idx);
+        while let Some(job) = s.next_job(shard, 1) {
+            out.push(data(&job.entries[0]));
+            s.done(shard, job.generation, job.entries[0].idx);
         }
         out
+    }
+
+    fn data(entry: &Entry) -> String {
+        String::from_utf8(entry.data.to_vec()).unwrap()
     }
 
     fn pos(marker: &str, n: u64) -> Position {
@@ -418,7 +487,7 @@ mod tests {
             }
         );
         assert_eq!(drain(&mut b, 0), ["7", "8", "9", "10"]);
-        assert!(b.next_job(1).is_none(), "shard 1 is not ours");
+        assert!(b.next_job(1, 8).is_none(), "shard 1 is not ours");
         push(&mut b, 0, 11);
         assert_eq!(drain(&mut b, 0), ["11"]);
     }
@@ -463,8 +532,8 @@ mod tests {
         push(&mut a, 0, 1);
         push(&mut a, 0, 2);
         assert_eq!(a.push(0, Arc::from("c"), Bytes::from("3")), Err(Full));
-        let job = a.next_job(0).unwrap();
-        a.done(0, job.generation, job.entry.idx);
+        let job = a.next_job(0, 1).unwrap();
+        a.done(0, job.generation, job.entries[0].idx);
         push(&mut a, 0, 3);
         assert_eq!(drain(&mut a, 0), ["2", "3"]);
     }
@@ -489,11 +558,92 @@ mod tests {
         a.mark("m");
         push(&mut a, 0, 1);
         a.take_over(0, Arc::from("t1"), None);
-        let old = a.next_job(0).unwrap();
+        let old = a.next_job(0, 1).unwrap();
         a.take_over(0, Arc::from("t2"), None);
         a.fenced(0, old.generation);
-        a.done(0, old.generation, old.entry.idx);
+        a.done(0, old.generation, old.entries[0].idx);
         assert_eq!(a.token(0).as_deref(), Some("t2"));
         assert_eq!(drain(&mut a, 0), ["1"]);
+    }
+
+    fn owner_with(n: u64) -> StreamState {
+        let mut a = StreamState::new(1, 1 << 20);
+        a.mark("m");
+        a.take_over(0, Arc::from("t"), None);
+        for seq in 1..=n {
+            push(&mut a, 0, seq);
+        }
+        a
+    }
+
+    use Answer::{Duplicate as D, Failed as F, Fenced as X, Published as P};
+
+    #[test]
+    fn a_batch_is_the_backlog_in_order_and_bounded() {
+        let mut a = owner_with(10);
+        let job = a.next_job(0, 4).unwrap();
+        let seqs: Vec<String> = job.entries.iter().map(data).collect();
+        assert_eq!(seqs, ["1", "2", "3", "4"]);
+        assert_eq!(a.settle(0, &job, &[P, D, P, P]).settled, 4);
+        let job = a.next_job(0, 100).unwrap();
+        assert_eq!(job.entries.first().map(data).as_deref(), Some("5"));
+        assert_eq!(job.entries.len(), 6, "the rest of the backlog");
+        let settled = a.settle(0, &job, &[P; 6]);
+        assert_eq!((settled.settled, settled.failed), (6, false));
+        assert!(a.next_job(0, 100).is_none(), "nothing left");
+        assert!(a.published_through(0, 10));
+    }
+
+    #[test]
+    fn a_partly_failed_batch_is_retried_from_its_first_failure() {
+        let mut a = owner_with(5);
+        let job = a.next_job(0, 8).unwrap();
+        // 3 failed; 4 answered published (another slot of a Cluster): retried anyway, so
+        // the bus answers it a duplicate then.
+        let settled = a.settle(0, &job, &[P, D, F, P, P]);
+        assert_eq!(
+            settled,
+            Settled {
+                settled: 2,
+                duplicates: 1,
+                fenced: false,
+                failed: true
+            }
+        );
+        let retry = a.next_job(0, 8).unwrap();
+        let seqs: Vec<String> = retry.entries.iter().map(data).collect();
+        assert_eq!(seqs, ["3", "4", "5"]);
+        // Fewer answers than notifications (a short reply): the rest is retried too.
+        let settled = a.settle(0, &retry, &[P]);
+        assert_eq!((settled.settled, settled.failed), (1, true));
+        assert_eq!(drain(&mut a, 0), ["4", "5"]);
+    }
+
+    #[test]
+    fn a_batch_fenced_midway_settles_its_head_and_ends_the_ownership() {
+        let mut a = owner_with(5);
+        let job = a.next_job(0, 8).unwrap();
+        let settled = a.settle(0, &job, &[P, P, X, F, F]);
+        assert_eq!((settled.settled, settled.fenced), (2, true));
+        assert!(a.next_job(0, 8).is_none(), "no longer ours");
+        assert_eq!(a.token(0), None);
+        // The next owner, here this node again, continues after what was published.
+        a.take_over(0, Arc::from("t2"), Some(&pos("m", 2)));
+        assert_eq!(drain(&mut a, 0), ["3", "4", "5"]);
+    }
+
+    #[test]
+    fn answers_to_an_older_ownership_change_nothing() {
+        let mut a = owner_with(3);
+        let old = a.next_job(0, 8).unwrap();
+        a.take_over(0, Arc::from("t2"), None);
+        assert_eq!(a.settle(0, &old, &[P, P, P]).settled, 0);
+        assert!(a.settle(0, &old, &[X]).fenced);
+        assert_eq!(
+            a.token(0).as_deref(),
+            Some("t2"),
+            "the newer ownership stays"
+        );
+        assert_eq!(drain(&mut a, 0), ["1", "2", "3"]);
     }
 }
