@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::future::RouteFuture;
 use axum::routing::get;
 use axum::{Json, Router};
+use futures_util::FutureExt as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +31,7 @@ use crate::session;
 /// (commands, pongs); a larger one is read in several calls into a buffer reserved for
 /// its length. tungstenite also zero-fills up to this much before every read attempt,
 /// which happens on every wake-up of the session, so small is cheaper on the hot path too.
-const READ_BUFFER: usize = 512;
+const READ_BUFFER: usize = 256;
 /// Bytes buffered before a write goes to the socket; we flush after each batch anyway.
 const WRITE_BUFFER: usize = 8 * 1024;
 /// A peer that does not read cannot make us buffer more than this.
@@ -132,9 +133,10 @@ async fn websocket(
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(state.max_frame_bytes)
         .max_frame_size(state.max_frame_bytes)
-        .on_upgrade(move |socket| async move {
-            session::run_from(socket, state.shared.clone(), state.drain.clone(), ip).await;
-            drop(counted);
+        .on_upgrade(move |socket| {
+            // No `async` block: one awaiting the session would hold its future twice (the
+            // value and the awaited copy), and one taking the socket would keep the socket.
+            session::run_from(socket, state.shared, state.drain, ip).map(move |()| drop(counted))
         })
 }
 

@@ -6,14 +6,13 @@
 //! kicked as a slow consumer (it recovers on reconnect) and everyone else goes on.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::bus::Publication;
+use crate::mailbox::{Mailbox, PushError};
 use crate::metrics as m;
 use crate::protocol::{reply, DisconnectCode};
 
@@ -36,46 +35,8 @@ pub struct Outbound {
     pub position_only: bool,
 }
 
-/// Asks a session to close with a code, from outside its task.
-#[derive(Debug, Clone, Default)]
-pub struct Kick {
-    inner: Arc<KickInner>,
-}
-
-#[derive(Debug, Default)]
-struct KickInner {
-    /// The first reason wins.
-    code: OnceLock<DisconnectCode>,
-    fired: CancellationToken,
-}
-
-impl Kick {
-    pub fn kick(&self, code: DisconnectCode) {
-        let _ = self.inner.code.set(code);
-        self.inner.fired.cancel();
-    }
-
-    pub async fn fired(&self) -> DisconnectCode {
-        self.inner.fired.cancelled().await;
-        self.code().unwrap_or(DisconnectCode::ForceReconnect)
-    }
-
-    pub fn code(&self) -> Option<DisconnectCode> {
-        self.inner.code.get().copied()
-    }
-}
-
-/// The hub's view of a session: where to put its messages and how to kick it.
-///
-/// The queue carries `Arc<Outbound>`: one allocation per publication shared by every
-/// subscriber (one reference count per delivery instead of three), and 8-byte slots, so
-/// the queue's first block (32 slots, allocated with the channel) costs 256 bytes per
-/// idle connection instead of ~2.8 KiB.
-#[derive(Debug, Clone)]
-pub struct SessionHandle {
-    pub tx: mpsc::Sender<Arc<Outbound>>,
-    pub kick: Kick,
-}
+/// The hub's view of a session: where its publications go and how it is kicked.
+pub type SessionHandle = Arc<Mailbox>;
 
 /// channel → local sessions. Sharded (dashmap), so the hot path takes no global lock.
 #[derive(Debug, Default)]
@@ -179,14 +140,14 @@ impl Hub {
 fn fan_out<'a>(sessions: impl Iterator<Item = &'a SessionHandle>, out: &Arc<Outbound>) -> u64 {
     let (mut delivered, mut dropped) = (0u64, 0u64);
     for handle in sessions {
-        match handle.tx.try_send(out.clone()) {
+        match handle.push(out.clone()) {
             Ok(()) => delivered += 1,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(PushError::Full) => {
                 dropped += 1;
-                handle.kick.kick(DisconnectCode::Slow);
+                handle.kick(DisconnectCode::Slow);
             }
             // The session is closing; it removes itself from the hub.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(PushError::Closed) => {}
         }
     }
     if dropped > 0 {
@@ -209,26 +170,20 @@ mod tests {
         }
     }
 
-    fn session(cap: usize) -> (SessionHandle, mpsc::Receiver<Arc<Outbound>>) {
-        let (tx, rx) = mpsc::channel(cap);
-        (
-            SessionHandle {
-                tx,
-                kick: Kick::default(),
-            },
-            rx,
-        )
+    fn session(cap: usize) -> (SessionHandle, SessionHandle) {
+        let mailbox = Mailbox::new(cap);
+        (mailbox.clone(), mailbox)
     }
 
     #[test]
     fn delivers_the_same_frame_bytes_to_every_subscriber() {
         let hub = Hub::new();
-        let (a, mut ra) = session(4);
-        let (b, mut rb) = session(4);
+        let (a, ra) = session(4);
+        let (b, rb) = session(4);
         hub.add("c", 1, a);
         hub.add("c", 2, b);
         hub.deliver(&publication("c", 1));
-        let (fa, fb) = (ra.try_recv().unwrap(), rb.try_recv().unwrap());
+        let (fa, fb) = (ra.pop().unwrap(), rb.pop().unwrap());
         assert_eq!(
             fa.frame.as_ptr(),
             fb.frame.as_ptr(),
@@ -241,14 +196,14 @@ mod tests {
     fn a_full_queue_kicks_only_that_session_as_slow() {
         let hub = Hub::new();
         let (slow, _keep) = session(1);
-        let (fast, mut rf) = session(8);
+        let (fast, rf) = session(8);
         hub.add("c", 1, slow.clone());
         hub.add("c", 2, fast);
         hub.deliver(&publication("c", 1));
         hub.deliver(&publication("c", 2));
-        assert_eq!(slow.kick.code(), Some(DisconnectCode::Slow));
-        assert_eq!(rf.try_recv().unwrap().offset, 1);
-        assert_eq!(rf.try_recv().unwrap().offset, 2);
+        assert_eq!(slow.kicked(), Some(DisconnectCode::Slow));
+        assert_eq!(rf.pop().unwrap().offset, 1);
+        assert_eq!(rf.pop().unwrap().offset, 2);
     }
 
     #[test]
@@ -269,13 +224,13 @@ mod tests {
     #[test]
     fn a_position_check_reaches_every_session_without_a_frame() {
         let hub = Hub::new();
-        let (a, mut ra) = session(4);
-        let (b, mut rb) = session(4);
+        let (a, ra) = session(4);
+        let (b, rb) = session(4);
         hub.add("c", 1, a);
         hub.add("c", 2, b);
         hub.check("c", &Arc::from("e"), 7);
-        for rx in [&mut ra, &mut rb] {
-            let out = rx.try_recv().unwrap();
+        for rx in [&ra, &rb] {
+            let out = rx.pop().unwrap();
             assert!(out.position_only && out.frame.is_empty());
             assert_eq!((out.offset, &*out.epoch), (7, "e"));
         }

@@ -38,6 +38,7 @@ pub mod http;
 pub mod hub;
 pub mod ingest;
 pub mod limits;
+pub mod mailbox;
 pub mod metrics;
 pub mod protocol;
 pub mod session;

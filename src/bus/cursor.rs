@@ -306,26 +306,19 @@ fn gap_unrepaired(reason: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::{Kick, Outbound, SessionHandle};
+    use crate::mailbox::Mailbox;
     use bytes::Bytes;
 
     struct Fixture {
         cursors: Cursors,
         repairs: mpsc::Receiver<Arc<str>>,
-        session: mpsc::Receiver<Arc<Outbound>>,
+        session: Arc<Mailbox>,
     }
 
     fn fixture() -> Fixture {
         let hub = Arc::new(Hub::new());
-        let (tx, session) = mpsc::channel(1000);
-        hub.add(
-            "c",
-            1,
-            SessionHandle {
-                tx,
-                kick: Kick::default(),
-            },
-        );
+        let session = Mailbox::new(1000);
+        hub.add("c", 1, session.clone());
         let (repairs_tx, repairs) = mpsc::channel(16);
         Fixture {
             cursors: Cursors::new(hub, repairs_tx),
@@ -358,7 +351,7 @@ mod tests {
         /// (offset, is a position check) of everything queued to the session so far.
         fn delivered(&mut self) -> Vec<(u64, bool)> {
             let mut out = Vec::new();
-            while let Ok(o) = self.session.try_recv() {
+            while let Some(o) = self.session.pop() {
                 out.push((o.offset, o.position_only));
             }
             out

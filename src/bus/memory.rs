@@ -192,7 +192,7 @@ impl MemoryBus {
 mod tests {
     use super::*;
     use crate::bus::Source;
-    use crate::hub::{Kick, SessionHandle};
+    use crate::mailbox::Mailbox;
 
     fn bus(size: u32) -> (MemoryBus, Arc<Hub>) {
         let hub = Arc::new(Hub::new());
@@ -270,27 +270,19 @@ mod tests {
     #[test]
     fn publications_reach_local_subscribers_in_order() {
         let (bus, hub) = bus(10);
-        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
-        hub.add(
-            "a",
-            1,
-            SessionHandle {
-                tx,
-                kick: Kick::default(),
-            },
-        );
+        let rx = Mailbox::new(8);
+        hub.add("a", 1, rx.clone());
         publish(&bus, "a", "\"x\"", None);
         publish(&bus, "a", "\"y\"", None);
-        assert_eq!(rx.try_recv().unwrap().offset, 1);
-        assert_eq!(rx.try_recv().unwrap().offset, 2);
+        assert_eq!(rx.pop().unwrap().offset, 1);
+        assert_eq!(rx.pop().unwrap().offset, 2);
     }
 
     #[test]
     fn a_publication_carries_when_it_reached_pgfanout_or_else_now() {
         let (bus, hub) = bus(10);
-        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
-        let kick = Kick::default();
-        hub.add("a", 1, SessionHandle { tx, kick });
+        let rx = Mailbox::new(8);
+        hub.add("a", 1, rx.clone());
         let before = super::super::now_micros();
         let received = before - 2_000_000;
         bus.publish(PublishRequest {
@@ -302,7 +294,7 @@ mod tests {
             received_at: Some(received),
         });
         publish(&bus, "a", "2", None);
-        assert_eq!(rx.try_recv().unwrap().ts, received);
-        assert!(rx.try_recv().unwrap().ts >= before);
+        assert_eq!(rx.pop().unwrap().ts, received);
+        assert!(rx.pop().unwrap().ts >= before);
     }
 }

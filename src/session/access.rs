@@ -2,7 +2,7 @@
 //! its connection token and each subscription token hold, what to do when one runs out,
 //! and its limits (tier, subject, connection slot, strikes).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,12 +27,14 @@ pub(super) enum Expired {
 #[derive(Default)]
 pub(super) struct Access {
     /// The verified connection token; None for an anonymous connection.
-    identity: Option<Identity>,
+    /// Boxed, like `slot`: most sessions are idle, many anonymous, so what they rarely
+    /// use is kept out of every session task.
+    identity: Option<Box<Identity>>,
     /// When the connection must have refreshed its token (`exp` + grace).
     deadline: Option<Instant>,
     /// Subscriptions held by a subscription token, and when each must have been refreshed.
     /// At most one entry per subscription, so bounded like the subscriptions.
-    grants: HashMap<String, Instant>,
+    grants: BTreeMap<String, Instant>,
     /// Deadlines changed since the timer was last armed.
     dirty: bool,
     /// The client's address (the limits subject of anonymous connections).
@@ -42,7 +44,7 @@ pub(super) struct Access {
     /// Who limits count against: `user:<sub>`, `claim:<value>` or `ip:<address>`.
     subject: String,
     /// The concurrent-connection slot, given back when the session ends.
-    slot: Option<ConnectionGuard>,
+    slot: Option<Box<ConnectionGuard>>,
     /// Start of the strike window and strikes in it.
     strikes: Option<(Instant, u32)>,
     abusive: bool,
@@ -93,7 +95,7 @@ impl Access {
     }
 
     pub(super) fn hold(&mut self, slot: Option<ConnectionGuard>) {
-        self.slot = slot;
+        self.slot = slot.map(Box::new);
     }
 
     /// Counts a limited command; past `threshold` within the strike window the
@@ -115,7 +117,7 @@ impl Access {
     }
 
     pub(super) fn identity(&self) -> Option<&Identity> {
-        self.identity.as_ref()
+        self.identity.as_deref()
     }
 
     /// The user ("" when anonymous).
@@ -125,7 +127,7 @@ impl Access {
 
     /// Sets (or replaces, on refresh) the connection's identity and its deadline.
     pub(super) fn set_identity(&mut self, identity: Identity, deadline: Instant) {
-        self.identity = Some(identity);
+        self.identity = Some(Box::new(identity));
         self.deadline = Some(deadline);
         self.dirty = true;
     }
@@ -200,7 +202,7 @@ impl super::Session {
     pub(super) async fn expire<W, E>(
         &mut self,
         sink: &mut W,
-        kick: &crate::hub::Kick,
+        mailbox: &crate::mailbox::Mailbox,
         write_limit: Duration,
     ) -> Result<(), super::End>
     where
@@ -228,7 +230,7 @@ impl super::Session {
                     let message = axum::extract::ws::Message::Text(
                         axum::extract::ws::Utf8Bytes::try_from(push).unwrap_or_default(),
                     );
-                    super::guarded(kick, write_limit, super::send(sink, message)).await?;
+                    super::guarded(mailbox, write_limit, super::send(sink, message)).await?;
                 }
                 Ok(())
             }

@@ -6,6 +6,7 @@
 
 mod access;
 mod commands;
+mod deadlines;
 mod subscriptions;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,16 +15,17 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::mpsc;
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Authenticator, Policy};
 use crate::bus::Bus;
-use crate::hub::{Hub, Kick, Outbound, SessionHandle};
+use crate::hub::Hub;
 use crate::limits::Limiter;
+use crate::mailbox::{Mailbox, Signal};
 use crate::metrics as m;
 use crate::protocol::{reply, DisconnectCode};
+use deadlines::{Deadlines, Due};
 use subscriptions::Subscriptions;
 
 /// Outbound publications written per flush at most, so replies are not starved.
@@ -57,6 +59,7 @@ pub struct Shared {
     pub limits: Arc<Limiter>,
     /// Limited commands within 10 s that close a connection (0: never).
     pub abuse_threshold: u32,
+    meters: Meters,
     next_id: AtomicU64,
 }
 
@@ -71,6 +74,7 @@ impl Shared {
             policy: Policy::default(),
             limits: Arc::new(Limiter::unlimited()),
             abuse_threshold: 0,
+            meters: Meters::new(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -128,61 +132,70 @@ enum End {
 }
 
 /// Runs one connection to its end. `shutdown` starts the drain.
-pub async fn run<S, E>(socket: S, shared: Arc<Shared>, shutdown: CancellationToken)
+pub fn run<S, E>(
+    socket: S,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> impl std::future::Future<Output = ()>
 where
     S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
     E: ReadError,
 {
-    run_from(socket, shared, shutdown, None).await;
+    run_from(socket, shared, shutdown, None)
 }
 
 /// [`run`] for a client at `peer` (the subject of limits for anonymous clients).
-pub async fn run_from<S, E>(
+///
+/// Not an `async fn`: the socket is split (moved into its shared half) before the future
+/// is made, so the future does not also keep the moved-from socket's space (368 bytes of
+/// every session's task).
+pub fn run_from<S, E>(
     socket: S,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     peer: Option<std::net::IpAddr>,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin,
     E: ReadError,
 {
     metrics::counter!(m::CONNECTIONS_ACCEPTED).increment(1);
     metrics::gauge!(m::CONNECTIONS_OPEN).increment(1.0);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel(shared.config.queue_size);
-    let kick = Kick::default();
-    let handle = SessionHandle {
-        tx,
-        kick: kick.clone(),
-    };
+    let mailbox = Mailbox::new(shared.config.queue_size);
     let mut session = Session {
         shared: shared.clone(),
         client: None,
-        subs: Subscriptions::new(id, handle, shared.hub.clone(), shared.bus.clone()),
+        subs: Subscriptions::new(id, mailbox.clone(), shared.hub.clone(), shared.bus.clone()),
         replies: Replies::default(),
-        meters: Meters::new(),
         access: access::Access::new(peer, shared.limits.default_tier()),
     };
     let (mut sink, mut stream) = socket.split();
-    let end = session
-        .drive(&mut sink, &mut stream, rx, &kick, &shutdown)
-        .await;
-    let reason = match end {
-        End::Disconnect(code) => {
-            let frame = CloseFrame {
-                code: code.code(),
-                reason: Utf8Bytes::from_static(code.reason()),
-            };
-            let _ =
-                tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
-            code.label()
-        }
-        End::PeerGone => "client_closed",
-    };
-    tracing::debug!(session = id, reason, "connection closed");
-    metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
-    metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
-    // Dropping `session` removes its subscriptions from the hub.
+    // A block, not an `async fn` taking these: an `async fn` would keep each argument twice.
+    async move {
+        let end = session
+            .drive(&mut sink, &mut stream, &mailbox, &shutdown)
+            .await;
+        // Nothing is read from here on: the hub's pushes are refused until the session has
+        // left every channel (when it is dropped below).
+        mailbox.close();
+        let reason = match end {
+            End::Disconnect(code) => {
+                let frame = CloseFrame {
+                    code: code.code(),
+                    reason: Utf8Bytes::from_static(code.reason()),
+                };
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame))))
+                    .await;
+                code.label()
+            }
+            End::PeerGone => "client_closed",
+        };
+        tracing::debug!(session = id, reason, "connection closed");
+        metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
+        metrics::gauge!(m::CONNECTIONS_OPEN).decrement(1.0);
+        // Dropping `session` removes its subscriptions from the hub.
+    }
 }
 
 struct Session {
@@ -192,12 +205,12 @@ struct Session {
     subs: Subscriptions,
     /// Replies to the frame being handled.
     replies: Replies,
-    meters: Meters,
     /// Identity and token deadlines.
     access: access::Access,
 }
 
-/// Metric handles of the write path, looked up once per session rather than per message.
+/// Metric handles of the write path, looked up once per node rather than per message
+/// (they carry no labels, so every session shares them).
 struct Meters {
     written: metrics::Counter,
     queue_depth: metrics::Histogram,
@@ -219,8 +232,7 @@ impl Session {
         &mut self,
         sink: &mut W,
         stream: &mut R,
-        mut outbound: mpsc::Receiver<Arc<Outbound>>,
-        kick: &Kick,
+        mailbox: &Mailbox,
         shutdown: &CancellationToken,
     ) -> End
     where
@@ -228,64 +240,98 @@ impl Session {
         R: Stream<Item = Result<Message, E>> + Unpin,
         E: ReadError,
     {
-        let config = self.shared.config.clone();
-        let connect_deadline = sleep(config.connect_timeout);
-        tokio::pin!(connect_deadline);
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        let mut deadlines = Deadlines {
+            connect: Some(Instant::now() + config.connect_timeout),
+            ..Deadlines::default()
+        };
+        // One timer for every deadline, reset only when the earliest one changes.
+        let timer = sleep(Duration::MAX / 4);
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         // A session that starts while the node drains (its connection was accepted just
         // before the listener closed) is told to go as soon as its connect is answered (a
         // close before that would be an error to the SDK), or after the window at the latest.
         let late = shutdown.is_cancelled();
-        let drain = async {
-            shutdown.cancelled().await;
-            let part = if late { 1.0 } else { rand::random::<f64>() };
-            sleep(config.drain_window.mul_f64(part)).await;
-        };
-        tokio::pin!(drain);
+        let shutdown_seen = shutdown.cancelled();
+        tokio::pin!(shutdown_seen);
+        let mut draining = false;
         // The same for a session whose drain time came before its connect was answered (a
         // client that had just reconnected here): it goes right after the reply, or one
         // drain window later at the latest.
         let mut drain_due = false;
-        let drain_late = sleep(Duration::MAX / 4);
-        tokio::pin!(drain_late);
-        let mut ping =
-            tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
-        let pong_deadline = sleep(Duration::MAX / 4);
-        tokio::pin!(pong_deadline);
+        let mut pinging = false;
         let mut awaiting_pong = false;
-        let expiry = sleep(Duration::MAX / 4);
-        tokio::pin!(expiry);
-        let mut expiry_armed = false;
-        // One kick watch for the whole session: creating it per loop turn registered and
-        // removed a waiter under the token's lock on every wake-up.
-        let kicked = kick.fired();
-        tokio::pin!(kicked);
 
         loop {
             if (late || drain_due) && self.client.is_some() {
                 return End::Disconnect(DisconnectCode::Shutdown);
             }
+            if !pinging && self.client.is_some() {
+                pinging = true;
+                deadlines.connect = None;
+                deadlines.ping = Some(Instant::now() + config.ping_interval);
+            }
             if let Some(next) = self.access.rearm() {
-                expiry_armed = next.is_some();
+                deadlines.expiry = next;
+            }
+            let next = deadlines.next();
+            if next != armed {
                 if let Some(at) = next {
-                    expiry.as_mut().reset(at);
+                    timer.as_mut().reset(at);
                 }
+                armed = next;
             }
             tokio::select! {
-                code = &mut kicked => return End::Disconnect(code),
-                () = &mut drain, if !drain_due => {
-                    if late || self.client.is_some() {
-                        return End::Disconnect(DisconnectCode::Shutdown);
-                    }
-                    drain_due = true;
-                    drain_late.as_mut().reset(Instant::now() + config.drain_window);
+                () = &mut shutdown_seen, if !draining => {
+                    draining = true;
+                    let part = if late { 1.0 } else { rand::random::<f64>() };
+                    deadlines.drain = Some(Instant::now() + config.drain_window.mul_f64(part));
                 }
-                () = &mut drain_late, if drain_due => return End::Disconnect(DisconnectCode::Shutdown),
-                () = &mut connect_deadline, if self.client.is_none() => return End::Disconnect(DisconnectCode::Stale),
-                () = &mut pong_deadline, if awaiting_pong => return End::Disconnect(DisconnectCode::NoPong),
-                out = outbound.recv() => {
-                    let Some(first) = out else { return End::Disconnect(DisconnectCode::InternalServerError) };
-                    let write = self.write_publications(sink, first, &mut outbound);
-                    if let Err(end) = guarded(kick, config.pong_timeout, write).await {
+                () = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    while let Some(due) = deadlines.take_due(Instant::now()) {
+                        match due {
+                            Due::Connect | Due::DrainLate | Due::Pong => {
+                                return End::Disconnect(match due {
+                                    Due::Connect => DisconnectCode::Stale,
+                                    Due::Pong => DisconnectCode::NoPong,
+                                    _ => DisconnectCode::Shutdown,
+                                });
+                            }
+                            Due::Drain => {
+                                if late || self.client.is_some() {
+                                    return End::Disconnect(DisconnectCode::Shutdown);
+                                }
+                                drain_due = true;
+                                deadlines.drain_late = Some(Instant::now() + config.drain_window);
+                            }
+                            Due::Expiry => {
+                                if let Err(end) = Box::pin(self.expire(sink, mailbox, config.pong_timeout)).await {
+                                    return end;
+                                }
+                            }
+                            Due::Ping => {
+                                deadlines.ping = Some(Instant::now() + config.ping_interval);
+                                let ping = Message::Text(Utf8Bytes::from_static("{}"));
+                                if let Err(end) = guarded(mailbox, config.pong_timeout, send(sink, ping)).await {
+                                    return end;
+                                }
+                                if !awaiting_pong {
+                                    awaiting_pong = true;
+                                    deadlines.pong = Some(Instant::now() + config.pong_timeout);
+                                }
+                            }
+                        }
+                    }
+                }
+                signal = mailbox.signal() => {
+                    if let Signal::Kicked(code) = signal {
+                        return End::Disconnect(code);
+                    }
+                    let write = self.write_publications(sink, mailbox);
+                    if let Err(end) = guarded(mailbox, config.pong_timeout, write).await {
                         return end;
                     }
                 }
@@ -304,34 +350,24 @@ impl Session {
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                         Some(Ok(Message::Text(text))) => text,
                     };
-                    let handled = self.handle_frame(&text).await;
+                    // Boxed: commands await Redis and Postgres, and their futures are large;
+                    // inline they would make every idle session task that much bigger.
+                    let handled = Box::pin(self.handle_frame(&text)).await;
                     if !self.replies.is_empty() {
                         // Replies go out even when the frame ends the connection, so the
                         // client learns why (e.g. a rate-limit error before the close).
                         let frame = Message::Text(Utf8Bytes::try_from(self.replies.take()).unwrap_or_default());
-                        if let Err(end) = guarded(kick, config.pong_timeout, send(sink, frame)).await {
+                        if let Err(end) = guarded(mailbox, config.pong_timeout, send(sink, frame)).await {
                             return end;
                         }
                     }
                     match handled {
-                        Ok(pong) => awaiting_pong &= !pong,
+                        Ok(true) => {
+                            awaiting_pong = false;
+                            deadlines.pong = None;
+                        }
+                        Ok(false) => {}
                         Err(code) => return End::Disconnect(code),
-                    }
-                }
-                () = &mut expiry, if expiry_armed => {
-                    expiry_armed = false;
-                    if let Err(end) = self.expire(sink, kick, config.pong_timeout).await {
-                        return end;
-                    }
-                }
-                _ = ping.tick(), if self.client.is_some() => {
-                    let ping = Message::Text(Utf8Bytes::from_static("{}"));
-                    if let Err(end) = guarded(kick, config.pong_timeout, send(sink, ping)).await {
-                        return end;
-                    }
-                    if !awaiting_pong {
-                        awaiting_pong = true;
-                        pong_deadline.as_mut().reset(Instant::now() + config.pong_timeout);
                     }
                 }
             }
@@ -339,17 +375,12 @@ impl Session {
     }
 
     /// Writes queued publications (up to a batch) and flushes once.
-    async fn write_publications<W, E>(
-        &mut self,
-        sink: &mut W,
-        first: Arc<Outbound>,
-        outbound: &mut mpsc::Receiver<Arc<Outbound>>,
-    ) -> Result<(), End>
+    async fn write_publications<W, E>(&mut self, sink: &mut W, mailbox: &Mailbox) -> Result<(), End>
     where
         W: Sink<Message, Error = E> + Unpin,
     {
-        self.meters.queue_depth.record((outbound.len() + 1) as f64);
-        let mut next = Some(first);
+        self.shared.meters.queue_depth.record(mailbox.len() as f64);
+        let mut next = mailbox.pop();
         let mut written = 0;
         let mut publications = 0u64;
         // The oldest timestamp written: one latency sample per flush, the worst in it.
@@ -374,14 +405,14 @@ impl Session {
                 written += 1;
             }
             if written < WRITE_BATCH {
-                next = outbound.try_recv().ok();
+                next = mailbox.pop();
             }
         }
         sink.flush().await.map_err(|_| End::PeerGone)?;
-        self.meters.written.increment(publications);
+        self.shared.meters.written.increment(publications);
         if oldest != u64::MAX {
             let micros = crate::bus::now_micros().saturating_sub(oldest);
-            self.meters.latency.record(micros as f64 / 1e6);
+            self.shared.meters.latency.record(micros as f64 / 1e6);
         }
         Ok(())
     }
@@ -474,7 +505,7 @@ where
 
 /// Runs a write unless the session is kicked first or the peer stops reading for
 /// longer than `limit` (then it is cut as slow).
-async fn guarded<F>(kick: &Kick, limit: Duration, write: F) -> Result<(), End>
+async fn guarded<F>(mailbox: &Mailbox, limit: Duration, write: F) -> Result<(), End>
 where
     F: std::future::Future<Output = Result<(), End>>,
 {
@@ -484,11 +515,15 @@ where
     if let Some(result) = futures_util::FutureExt::now_or_never(write.as_mut()) {
         return result;
     }
-    tokio::select! {
-        biased;
-        code = kick.fired() => Err(End::Disconnect(code)),
-        result = tokio::time::timeout(limit, write) => result.unwrap_or(Err(End::Disconnect(DisconnectCode::Slow))),
-    }
+    // Boxed, so the kick watch and the timer are not part of every idle session's task.
+    Box::pin(async move {
+        tokio::select! {
+            biased;
+            code = mailbox.until_kicked() => Err(End::Disconnect(code)),
+            result = tokio::time::timeout(limit, write) => result.unwrap_or(Err(End::Disconnect(DisconnectCode::Slow))),
+        }
+    })
+    .await
 }
 
 /// A random client id in the UUID v4 format SDKs expect.

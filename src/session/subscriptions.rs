@@ -125,7 +125,6 @@ mod tests {
     use super::*;
     use crate::bus::memory::MemoryBus;
     use crate::bus::HistoryPolicy;
-    use crate::hub::Kick;
     use bytes::Bytes;
     use std::time::Duration;
 
@@ -133,12 +132,7 @@ mod tests {
         let hub = Arc::new(Hub::new());
         let policy = HistoryPolicy::uniform(10, Duration::from_secs(60), Duration::from_secs(60));
         let bus = Bus::Memory(MemoryBus::new(hub.clone(), Arc::new(policy)));
-        let (tx, _rx) = tokio::sync::mpsc::channel(4);
-        let handle = SessionHandle {
-            tx,
-            kick: Kick::default(),
-        };
-        let mut subs = Subscriptions::new(1, handle, hub, bus);
+        let mut subs = Subscriptions::new(1, crate::mailbox::Mailbox::new(4), hub, bus);
         subs.join("c");
         subs.set_place("c", 5, "e");
         subs
