@@ -43,6 +43,7 @@ pub const GAPS_REPAIRED: &str = "pgfanout_gaps_repaired_total";
 pub const GAPS_UNREPAIRED: &str = "pgfanout_gaps_unrepaired_total";
 pub const REDIS_RESUBSCRIPTIONS: &str = "pgfanout_redis_resubscriptions_total";
 pub const REDIS_TOPOLOGY_CHANGES: &str = "pgfanout_redis_topology_changes_total";
+pub const LOST_WRITES_DETECTED: &str = "pgfanout_lost_writes_detected_total";
 pub const MESSAGES_WRITTEN: &str = "pgfanout_messages_written_total";
 pub const CLIENT_QUEUE_DEPTH: &str = "pgfanout_client_queue_depth";
 pub const DELIVERY_LATENCY: &str = "pgfanout_delivery_latency_seconds";
@@ -190,6 +191,12 @@ fn describe() {
          resubscribe (unsubscribe push 2500), by reason"
     );
     describe_counter!(
+        LOST_WRITES_DETECTED,
+        "Times this node found that Redis lost publications it had delivered (a failover to \
+         a replica that had not received them, a restart from older data): the channel got a \
+         new epoch, so its clients are told instead of skipping the reused offsets"
+    );
+    describe_counter!(
         REDIS_RESUBSCRIPTIONS,
         "Times the Redis subscriber connection was re-established and every channel resubscribed"
     );
@@ -307,6 +314,7 @@ pub fn register() {
         metrics::counter!(MESSAGES_REPLAYED, "path" => path).absolute(0);
     }
     metrics::counter!(GAPS_REPAIRED).absolute(0);
+    metrics::counter!(LOST_WRITES_DETECTED).absolute(0);
     for reason in [
         "epoch",
         "out_of_history",

@@ -3,7 +3,9 @@
 //! connections of every node are killed again and again while publications flow at 500+/s,
 //! and when a publication's pub/sub message is lost (its `PUBLISH` skipped on purpose, the
 //! rest of the publish script run). Where history cannot fill a hole, or Redis lost its data, the node's
-//! subscribers are told at once (unsubscribe push 2500) instead of waiting in silence.
+//! subscribers are told at once (unsubscribe push 2500) instead of waiting in silence; and
+//! when Redis comes back with older data (publications it had delivered are gone and their
+//! offsets are handed out again), the channel gets a new epoch instead of a silent skip.
 
 use crate::common;
 
@@ -226,6 +228,57 @@ async fn subscribers_are_told_at_once_when_redis_comes_back_without_its_data() -
                 && !l.ends_with(" 0")),
         "a new epoch counted:\n{metrics}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn subscribers_are_told_when_redis_comes_back_with_older_data() -> anyhow::Result<()> {
+    let mut cluster = node_with(&[]).await?;
+    let mut subscriber = Client::connect(&cluster.node().ws_url()).await?;
+    let epoch = subscriber.subscribe("orders").await?["epoch"]
+        .as_str()
+        .context("epoch")?
+        .to_string();
+    let mut publisher = Client::connect(&cluster.node().ws_url()).await?;
+    for n in 1..=3 {
+        publish(&mut publisher, n).await?;
+    }
+    assert_eq!(
+        next_publications(&mut subscriber, 3).await?,
+        numbered(1..=3)
+    );
+    let redis = cluster.redis.as_mut().context("Redis")?;
+    redis.snapshot()?;
+    for n in 4..=5 {
+        publish(&mut publisher, n).await?;
+    }
+    assert_eq!(
+        next_publications(&mut subscriber, 2).await?,
+        numbered(4..=5)
+    );
+
+    // Back from the snapshot: offsets 4 and 5 are gone, the epoch is the same.
+    redis.restart().await;
+    let push = subscriber.next_push(Duration::from_secs(30)).await?;
+    assert_eq!(
+        push["push"]["unsubscribe"]["code"],
+        json!(INSUFFICIENT_STATE),
+        "{push}"
+    );
+    let result = subscriber.subscribe_recover("orders", &epoch, 5).await?;
+    assert_ne!(result["recovered"], json!(true), "{result}");
+    assert_ne!(result["epoch"], json!(epoch), "{result}");
+    let node = cluster.node();
+    assert_eq!(
+        node.metric_sum("pgfanout_lost_writes_detected_total")
+            .await?,
+        1.0
+    );
+    // The channel goes on in its new epoch.
+    let mut publisher = Client::connect(&node.ws_url()).await?;
+    publish(&mut publisher, 6).await?;
+    let p = subscriber.next_pub(WAIT).await?;
+    assert_eq!((p.offset, &p.data), (1, &json!({ "n": 6 })));
     Ok(())
 }
 

@@ -11,12 +11,25 @@
 //! missed something resubscribe (`unsubscribe` push 2500), so SDKs recover or reload:
 //! never silence.
 //!
+//! Redis can also lose publications that were already delivered: replication is
+//! asynchronous, so a master that dies before its replica got the last publications (or a
+//! Redis restarted from older data) leaves a stream whose offsets go back, and the next
+//! publications reuse offsets this node already delivered with other data. Each cursor keeps
+//! a fingerprint of the last publication it delivered, and every history read starts at the
+//! cursor's own offset: a stream whose top is below the cursor, or whose entry there has
+//! other data, lost writes ([`Repaired::Lost`]). The bus then gives the channel a new epoch
+//! in Redis (once, whichever node finds it first), so the sessions of every node and every
+//! client recovering from the old epoch are told (`recovered: false`) instead of silently
+//! skipping the reused offsets.
+//!
 //! This is the state machine only, without I/O: the Redis bus feeds it pushes and does the
 //! history reads it asks for (`redis::run_repairs`), so unit tests drive it directly.
 
+use std::hash::Hasher as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tokio::sync::mpsc;
@@ -46,6 +59,13 @@ struct Cursor {
     epoch: Arc<str>,
     /// The last offset delivered to the hub in `epoch`.
     offset: u64,
+    /// A fingerprint of the data delivered at `offset`, when this node delivered it (not
+    /// when the cursor was placed by a position read): checked against history, so a
+    /// stream that lost it and reused the offset for other data is noticed.
+    fingerprint: Option<u64>,
+    /// The epoch this cursor left for a newer one: its publications still in flight (sent
+    /// before the epoch changed) are stale and dropped.
+    retired: Option<Arc<str>>,
     /// Some while a history read is queued or under way: the live publications that came
     /// meanwhile, in arrival order, delivered once the read is.
     waiting: Option<Vec<Publication>>,
@@ -59,10 +79,62 @@ impl Cursor {
         Self {
             epoch: Arc::from(epoch),
             offset,
+            fingerprint: None,
+            retired: None,
             waiting: None,
             again: false,
         }
     }
+
+    /// Moves to `offset`, delivered with `data`.
+    fn delivered(&mut self, offset: u64, data: &Bytes) {
+        self.offset = offset;
+        self.fingerprint = Some(fingerprint(data));
+    }
+
+    /// Moves to a newer epoch, before its first publication.
+    fn restart(&mut self, epoch: Arc<str>) {
+        self.retired = Some(std::mem::replace(&mut self.epoch, epoch));
+        self.offset = 0;
+        self.fingerprint = None;
+    }
+
+    /// Whether a read of the stream (in this cursor's epoch, from the cursor's own offset)
+    /// shows that the stream no longer holds what this node delivered: its top went back
+    /// below the cursor, or the entry at the cursor has other data. An entry that left
+    /// history (trimmed, expired) cannot be checked: that is no evidence either way.
+    fn lost_in(&self, top: u64, entries: Option<&[(u64, Bytes)]>) -> bool {
+        if top < self.offset {
+            return true;
+        }
+        let at_cursor = entries
+            .and_then(|entries| entries.first())
+            .filter(|(offset, _)| *offset == self.offset);
+        match (self.fingerprint, at_cursor) {
+            (Some(mine), Some((_, data))) => fingerprint(data) != mine,
+            _ => false,
+        }
+    }
+}
+
+/// A cheap fingerprint of a publication's data (not cryptographic: it tells apart two
+/// publications that reuse an offset, which is all it is for).
+fn fingerprint(data: &[u8]) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    hasher.write(data);
+    hasher.finish()
+}
+
+/// What a history read did to a channel's cursor.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Repaired {
+    /// Done: delivered what it could, told the sessions what it could not.
+    Done,
+    /// The stream lost publications this node delivered in `epoch` (a Redis failover or
+    /// restart lost acknowledged writes; the next ones reuse their offsets). Nothing was
+    /// delivered and the live publications keep waiting: the caller gives the channel a
+    /// new epoch in Redis (only if it is still `epoch`) and reads again.
+    Lost { epoch: Arc<str> },
 }
 
 /// What a live publication does to its channel's cursor.
@@ -99,7 +171,9 @@ impl Cursors {
                 }
                 // The first publication since the channel became live here: the sessions
                 // placed themselves when they subscribed, and drop what they had.
-                vacant.insert(Cursor::at(&publication.epoch, publication.offset));
+                let mut cursor = Cursor::at(&publication.epoch, 0);
+                cursor.delivered(publication.offset, &publication.data);
+                vacant.insert(cursor);
                 self.hub.deliver(&publication);
                 return;
             }
@@ -175,7 +249,9 @@ impl Cursors {
             .remove_if(channel, |_, _| !self.hub.has_subscribers(channel));
     }
 
-    /// Where a read of the channel's history starts; None when it has no cursor any more.
+    /// The channel's cursor, where a read of its history starts; None when it has no
+    /// cursor any more. The read should include the entry at the cursor's own offset (the
+    /// one this node delivered last), so [`Self::repaired`] can check it is still there.
     pub fn since(&self, channel: &str) -> Option<Position> {
         self.channels.get(channel).map(|c| Position {
             offset: c.offset,
@@ -183,29 +259,44 @@ impl Cursors {
         })
     }
 
-    /// A read of the channel's history after its cursor came back (`history`: whether the
-    /// channel keeps any). Delivers what fills the hole, then what waited; where history
-    /// falls short, tells the sessions that missed something.
-    pub fn repaired(&self, channel: &str, read: HistoryRead, history: bool) {
+    /// A read of the channel's history from its cursor's own offset (see [`Self::since`];
+    /// `history`: whether the channel keeps any). Delivers what fills the hole, then what
+    /// waited; where history falls short, tells the sessions that missed something; where
+    /// the stream lost what this node delivered, delivers nothing and says so.
+    pub fn repaired(&self, channel: &str, read: HistoryRead, history: bool) -> Repaired {
         let Some(mut entry) = self.channels.get_mut(channel) else {
-            return;
+            return Repaired::Done;
         };
         let name = entry.key().clone();
         let cursor = entry.value_mut();
         let waiting = cursor.waiting.take().unwrap_or_default();
         let top = read.position;
         if *top.epoch != *cursor.epoch {
-            // The stream restarted (Redis lost its data, or the channel expired): sessions
-            // of the old epoch must resubscribe; the new epoch is then read from its start.
+            // The stream restarted (Redis lost its data, the channel expired, or a node
+            // reset it after lost writes): sessions of the old epoch must resubscribe; the
+            // new epoch is then read from its start.
             gap_unrepaired("epoch");
-            cursor.epoch = Arc::from(top.epoch);
-            cursor.offset = 0;
+            cursor.restart(Arc::from(top.epoch));
             self.hub.check(&name, &cursor.epoch, 0);
             if top.offset > 0 {
                 cursor.waiting = Some(waiting);
                 self.schedule(&name, cursor);
-                return;
+                return Repaired::Done;
             }
+        } else if cursor.lost_in(top.offset, read.entries.as_deref()) {
+            tracing::warn!(
+                channel = %name,
+                delivered = cursor.offset,
+                top = top.offset,
+                "redis lost publications this node delivered (a failover to a replica that \
+                 had not received them, or a restart from older data); the channel gets a \
+                 new epoch"
+            );
+            metrics::counter!(m::LOST_WRITES_DETECTED).increment(1);
+            cursor.waiting = Some(waiting);
+            return Repaired::Lost {
+                epoch: cursor.epoch.clone(),
+            };
         } else {
             let before = cursor.offset;
             let reason = match &read.entries {
@@ -220,7 +311,7 @@ impl Cursors {
                 if offset != cursor.offset + 1 {
                     break;
                 }
-                cursor.offset = offset;
+                cursor.delivered(offset, &data);
                 self.hub.deliver(&Publication {
                     channel: name.clone(),
                     offset,
@@ -240,6 +331,7 @@ impl Cursors {
                 );
                 gap_unrepaired(reason);
                 cursor.offset = top.offset;
+                cursor.fingerprint = None;
                 self.hub.check(&name, &cursor.epoch, top.offset);
             } else if replayed > 0 {
                 metrics::counter!(m::GAPS_REPAIRED).increment(1);
@@ -253,23 +345,27 @@ impl Cursors {
                 still.extend(rest);
                 cursor.waiting = Some(still);
                 self.schedule(&name, cursor);
-                return;
+                return Repaired::Done;
             }
         }
         if std::mem::take(&mut cursor.again) {
             cursor.waiting = Some(Vec::new());
             self.schedule(&name, cursor);
         }
+        Repaired::Done
     }
 
     /// Delivers a live publication that is next in the stream.
     fn advance(&self, cursor: &mut Cursor, publication: &Publication) -> Step {
         if publication.epoch != cursor.epoch {
+            if cursor.retired.as_ref() == Some(&publication.epoch) {
+                // Sent before the stream moved to the cursor's epoch.
+                return Step::Duplicate;
+            }
             // A new stream: its sessions of the old epoch resubscribe when it reaches them;
             // whatever came before it in the new epoch is read from history.
             gap_unrepaired("epoch");
-            cursor.epoch = publication.epoch.clone();
-            cursor.offset = 0;
+            cursor.restart(publication.epoch.clone());
         }
         if publication.offset <= cursor.offset {
             return Step::Duplicate;
@@ -277,7 +373,7 @@ impl Cursors {
         if publication.offset != cursor.offset + 1 {
             return Step::Gap;
         }
-        cursor.offset = publication.offset;
+        cursor.delivered(publication.offset, &publication.data);
         self.hub.deliver(publication);
         Step::Delivered
     }
@@ -293,7 +389,9 @@ impl Cursors {
         gap_unrepaired("backlog");
         for publication in cursor.waiting.take().unwrap_or_default() {
             cursor.epoch = publication.epoch.clone();
-            cursor.offset = cursor.offset.max(publication.offset);
+            if publication.offset >= cursor.offset {
+                cursor.delivered(publication.offset, &publication.data);
+            }
             self.hub.deliver(&publication);
         }
     }
@@ -444,6 +542,130 @@ mod tests {
         f.cursors.publication(publication("e", 3));
         assert_eq!(f.cursors.since("c"), None, "a late message starts nothing");
         assert_eq!(f.delivered(), vec![(1, false)]);
+    }
+
+    /// A read of epoch `epoch` with top `top` and the given entries.
+    fn read_of(epoch: &str, top: u64, entries: &[(u64, &'static str)]) -> HistoryRead {
+        HistoryRead {
+            position: Position {
+                offset: top,
+                epoch: epoch.into(),
+            },
+            entries: Some(
+                entries
+                    .iter()
+                    .map(|(o, d)| (*o, Bytes::from_static(d.as_bytes())))
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn a_stream_that_went_back_below_the_cursor_lost_writes() {
+        let mut f = fixture();
+        for offset in 1..=6 {
+            f.cursors.publication(publication("e", offset));
+        }
+        assert_eq!(f.delivered().len(), 6);
+        // A failover: the promoted replica had offsets up to 3 only.
+        f.cursors.disconnected();
+        f.cursors.subscribed("c");
+        assert_eq!(f.queued_repairs(), 1);
+        f.cursors.publication(publication("e", 4));
+        let lost = f.cursors.repaired("c", read_of("e", 3, &[]), true);
+        assert_eq!(lost, Repaired::Lost { epoch: "e".into() });
+        assert!(
+            f.delivered().is_empty(),
+            "nothing delivered from a lost stream"
+        );
+        // The bus reset the epoch; the read after it finds the new one.
+        f.cursors.publication(publication("e", 5));
+        let done = f.cursors.repaired("c", read("new", 1, None), true);
+        assert_eq!(done, Repaired::Done);
+        assert_eq!(
+            f.delivered(),
+            vec![(0, true)],
+            "sessions of the old epoch are told"
+        );
+        assert_eq!(
+            f.queued_repairs(),
+            1,
+            "the new epoch is read from its start"
+        );
+        f.cursors.repaired("c", read("new", 1, Some(1..=1)), true);
+        f.cursors.publication(publication("e", 6));
+        f.cursors.publication(publication("new", 2));
+        assert_eq!(
+            f.delivered(),
+            vec![(1, false), (2, false)],
+            "publications of the lost epoch still in flight are dropped"
+        );
+        assert_eq!(f.queued_repairs(), 0);
+    }
+
+    #[test]
+    fn a_reused_offset_with_other_data_lost_writes() {
+        let mut f = fixture();
+        for offset in 1..=5 {
+            f.cursors.publication(publication("e", offset));
+        }
+        f.delivered();
+        f.cursors.subscribed("c");
+        // The promoted replica had 4 and took two publications since: 5 is another one.
+        let lost = f
+            .cursors
+            .repaired("c", read_of("e", 6, &[(5, "other"), (6, "6")]), true);
+        assert_eq!(lost, Repaired::Lost { epoch: "e".into() });
+        assert!(f.delivered().is_empty());
+        assert_eq!(f.cursors.since("c").map(|p| p.offset), Some(5));
+    }
+
+    #[test]
+    fn the_entry_at_the_cursor_unchanged_or_unknown_is_no_loss() {
+        let mut f = fixture();
+        for offset in 1..=3 {
+            f.cursors.publication(publication("e", offset));
+        }
+        f.cursors.subscribed("c");
+        let done = f.cursors.repaired("c", read("e", 5, Some(3..=5)), true);
+        assert_eq!(done, Repaired::Done);
+        assert_eq!(
+            f.delivered(),
+            vec![(1, false), (2, false), (3, false), (4, false), (5, false)]
+        );
+        // The entry at the cursor left history: nothing to compare, nothing to say.
+        f.cursors.subscribed("c");
+        let done = f.cursors.repaired("c", read_of("e", 6, &[(6, "6")]), true);
+        assert_eq!(done, Repaired::Done);
+        assert_eq!(f.delivered(), vec![(6, false)]);
+        // A cursor placed by a position read has no fingerprint: only its offset counts.
+        let g = fixture();
+        g.cursors.observe(
+            "c",
+            &Position {
+                offset: 2,
+                epoch: "e".into(),
+            },
+        );
+        g.cursors.subscribed("c");
+        let done = g
+            .cursors
+            .repaired("c", read_of("e", 2, &[(2, "whatever")]), true);
+        assert_eq!(done, Repaired::Done);
+        g.cursors.subscribed("c");
+        let lost = g.cursors.repaired("c", read_of("e", 1, &[]), true);
+        assert_eq!(lost, Repaired::Lost { epoch: "e".into() });
+    }
+
+    #[test]
+    fn a_late_publication_of_the_previous_epoch_is_dropped() {
+        let mut f = fixture();
+        f.cursors.publication(publication("old", 1));
+        f.cursors.publication(publication("new", 1));
+        f.cursors.publication(publication("old", 2));
+        f.cursors.publication(publication("new", 2));
+        assert_eq!(f.delivered(), vec![(1, false), (1, false), (2, false)]);
+        assert_eq!(f.queued_repairs(), 0, "no read for a stale publication");
     }
 
     #[test]

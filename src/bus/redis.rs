@@ -3,7 +3,9 @@
 //! with local subscribers, health checks with reconnect counting.
 //!
 //! Pushes from the subscriber connection go through the node's cursors (`cursor`), which
-//! fill holes in a channel's stream from history (`run_repairs`) before delivering to the hub.
+//! fill holes in a channel's stream from history (`run_repairs`) before delivering to the hub,
+//! and find streams that lost writes Redis had acknowledged (a failover, a restart from
+//! older data): those get a new epoch (`reset.lua`), so nobody skips the reused offsets.
 //!
 //! Keys of a channel share the hash tag `{channel}` so Redis Cluster keeps them on one
 //! slot; on a Cluster (`connect_cluster`) publications use sharded pub/sub and the
@@ -24,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use super::cluster::{self, ClusterPubSub, PubSub};
 use super::connection::{ClusterCommands, RedisConnection};
-use super::cursor::Cursors;
+use super::cursor::{Cursors, Repaired};
 use super::{
     assemble_recovery, new_epoch, BusError, Fence, FenceRecord, HistoryPolicy, HistoryRead,
     Position, Publication, PublishOutcome, PublishRequest, Recovery, DEDUPE_TTL,
@@ -87,6 +89,8 @@ struct Inner {
     cursors: Arc<Cursors>,
     publish: Script,
     recover: Script,
+    /// A new epoch for a channel whose stream lost writes (`reset.lua`).
+    reset: Script,
     /// The first step of a fenced publication on a Cluster (`fence.lua`).
     fence: Script,
     /// The fence record written after a publication on a Cluster.
@@ -155,6 +159,7 @@ impl RedisBus {
                 cursors,
                 publish: Script::new(include_str!("publish.lua")),
                 recover: Script::new(include_str!("recover.lua")),
+                reset: Script::new(include_str!("reset.lua")),
                 fence: Script::new(include_str!("fence.lua")),
                 record: Script::new(cluster::WRITE_RECORD),
             }),
@@ -708,25 +713,72 @@ async fn run_repairs(bus: RedisBus, requests: mpsc::Receiver<Arc<str>>, cancel: 
 }
 
 impl RedisBus {
-    /// Reads the channel's history after its cursor and hands it back to the cursor.
+    /// Reads the channel's history from its cursor and hands it back to the cursor; when
+    /// the cursor finds that the stream lost what this node delivered, gives the channel a
+    /// new epoch and reads again.
     async fn repair(&self, channel: Arc<str>) {
         let policy = &self.inner.history;
         let cap = policy.recovery_max;
         let history = policy.for_channel(&channel).enabled();
         let mut backoff = Duration::from_millis(50);
         loop {
-            let Some(since) = self.inner.cursors.since(&channel) else {
+            let Some(cursor) = self.inner.cursors.since(&channel) else {
                 return;
             };
-            match self.read_history(&channel, Some(&since), cap, cap).await {
-                Ok(read) => return self.inner.cursors.repaired(&channel, read, history),
-                Err(e) => {
-                    tracing::warn!(error = %e, %channel, "reading history to fill a gap failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(REPAIR_MAX_BACKOFF);
-                }
+            // From the cursor's own entry (one more than the hole), so the cursor can check
+            // that the stream still holds what it delivered there.
+            let (since, extra) = match cursor.offset.checked_sub(1) {
+                Some(offset) => (
+                    Position {
+                        offset,
+                        epoch: cursor.epoch,
+                    },
+                    1,
+                ),
+                None => (cursor, 0),
+            };
+            let limit = if cap == 0 {
+                0
+            } else {
+                cap.saturating_add(extra)
+            };
+            let step = match self
+                .read_history(&channel, Some(&since), cap.saturating_add(extra), limit)
+                .await
+            {
+                Ok(read) => match self.inner.cursors.repaired(&channel, read, history) {
+                    Repaired::Done => return,
+                    Repaired::Lost { epoch } => self.reset_epoch(&channel, &epoch).await,
+                },
+                Err(e) => Err(e),
+            };
+            if let Err(e) = step {
+                tracing::warn!(error = %e, %channel, "reading history (or resetting a stream that lost writes) failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(REPAIR_MAX_BACKOFF);
             }
         }
+    }
+
+    /// Gives `channel` a new epoch if it is still `lost` (see `reset.lua`), so that every
+    /// node and every client recovering from `lost` is told the stream restarted.
+    ///
+    /// # Errors
+    /// Redis unreachable or a script failure.
+    async fn reset_epoch(&self, channel: &str, lost: &str) -> Result<(), BusError> {
+        let mut invocation = self.inner.reset.prepare_invoke();
+        invocation
+            .key(keys::meta(channel))
+            .key(keys::history(channel))
+            .arg(lost)
+            .arg(new_epoch())
+            .arg(ttl_secs(self.inner.history.meta_ttl));
+        let mut conn = self.inner.commands.clone();
+        let (reset, epoch): (i64, String) = invocation.invoke_async(&mut conn).await?;
+        if reset == 1 {
+            tracing::warn!(%channel, lost, %epoch, "channel reset to a new epoch after lost writes");
+        }
+        Ok(())
     }
 }
 

@@ -1,7 +1,8 @@
 //! [`RedisServer`]: a private `redis-server` child process on a free port, one per test.
 //!
 //! No persistence (`--save ""`, `--appendonly no`), bound to 127.0.0.1. `stop()` and `restart()`
-//! (same port) inject bus outages; Drop kills and reaps the process.
+//! (same port) inject bus outages; `snapshot()` then `restart()` brings it back with older
+//! data (what was written after the snapshot is lost). Drop kills and reaps the process.
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
@@ -20,6 +21,11 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Where its stdout/stderr go, shown when it fails to start.
     log_path: PathBuf,
+    /// The server's snapshot file (`--dbfilename`, its own in the shared directory).
+    dbfile: String,
+    /// A `snapshot()` was written to `dbfile`: the next start loads it (else it gets a new,
+    /// empty file).
+    snapshot_taken: bool,
 }
 
 impl RedisServer {
@@ -35,6 +41,8 @@ impl RedisServer {
                 port: super::free_port(),
                 child: None,
                 log_path: PathBuf::new(),
+                dbfile: String::new(),
+                snapshot_taken: false,
             };
             match server.spawn_and_wait().await {
                 Ok(()) => return server,
@@ -67,7 +75,20 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port (empty: nothing was persisted).
+    /// Writes the data as it is now to a snapshot file of this server's own (`SAVE`): the
+    /// next `restart()` loads it, so what is written after it is lost, like a Redis that
+    /// comes back from an old snapshot or a lagging replica.
+    ///
+    /// # Errors
+    /// Redis does not answer, or refuses.
+    pub fn snapshot(&mut self) -> anyhow::Result<()> {
+        let reply = self.command("SAVE")?;
+        anyhow::ensure!(reply.starts_with("+OK"), "SAVE: {reply}");
+        self.snapshot_taken = true;
+        Ok(())
+    }
+
+    /// Starts the server again on the same port (empty, or with the last `snapshot()`).
     ///
     /// # Panics
     /// When it does not come back.
@@ -97,10 +118,14 @@ impl RedisServer {
         let log =
             std::fs::File::create(&self.log_path).map_err(|err| format!("create log: {err}"))?;
         let log_err = log.try_clone().map_err(|err| format!("clone log: {err}"))?;
+        if !std::mem::take(&mut self.snapshot_taken) {
+            self.dbfile = format!("dump-{}-{}.rdb", self.port, super::random_tag());
+        }
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", &log_dir.to_string_lossy()])
+            .args(["--dbfilename", &self.dbfile])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

@@ -244,6 +244,34 @@ impl RedisCluster {
             .with_context(|| format!("no master serves slot {slot}"))
     }
 
+    /// The ports of the replicas of the master on `master`, as it sees them.
+    pub async fn replicas_of(&self, master: u16) -> anyhow::Result<Vec<u16>> {
+        let id = self.id_of(master).await?;
+        let lines = cli(master, &["CLUSTER", "REPLICAS", &id]).await?;
+        Ok(lines
+            .lines()
+            .filter_map(|line| {
+                line.split_whitespace()
+                    .nth(1)?
+                    .split(['@', ':'])
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+            .collect())
+    }
+
+    /// A replication offset from `INFO replication` on `port` (`field`: `master_repl_offset`
+    /// on a master, `slave_repl_offset` on a replica).
+    pub async fn replication_offset(&self, port: u16, field: &str) -> anyhow::Result<u64> {
+        let info = cli(port, &["INFO", "replication"]).await?;
+        info.lines()
+            .find_map(|line| line.trim().strip_prefix(field)?.strip_prefix(':'))
+            .with_context(|| format!("no {field} in INFO replication of :{port}"))?
+            .parse()
+            .with_context(|| format!("{field} of :{port}"))
+    }
+
     /// The node id of the member on `port`.
     pub async fn id_of(&self, port: u16) -> anyhow::Result<String> {
         Ok(cli(port, &["CLUSTER", "MYID"]).await?.trim().to_string())
