@@ -39,7 +39,7 @@ async fn publish(client: &mut Client, n: u64) -> anyhow::Result<()> {
 /// Runs the node's publish script (src/bus/publish.lua) on `channel` without its `PUBLISH`:
 /// the publication gets its offset and its place in history, but its pub/sub message is lost
 /// on the way to every node. Returns its offset. The keys and arguments follow the script's
-/// header (no dedupe, no fence: the unused keys are the meta key again).
+/// header, as a batch of one (no dedupe, no fence: the unused keys are the meta key again).
 async fn publish_without_pubsub(
     redis: &RedisServer,
     channel: &str,
@@ -62,16 +62,19 @@ async fn publish_without_pubsub(
         .key(&meta)
         .key(&meta)
         .key(&meta)
+        .arg(86_400) // meta ttl
+        .arg(0) // dedupe ttl
+        .arg("PUBLISH")
+        .arg("epoch-of-the-test")
         .arg(data.to_string())
         .arg(history_size)
-        .arg(300)
-        .arg(86_400)
-        .arg("epoch-of-the-test")
+        .arg(300) // history ttl
         .arg(format!("pgfanout:{{{channel}}}:pub"))
-        .arg(0)
-        .arg("")
-        .arg(0)
-        .arg("")
+        .arg("0") // no dedupe
+        .arg("") // no fence
+        .arg(0) // entered the bus
+        .arg("") // no fence record
+        .arg("0") // no Cluster deadline
         .invoke_async(&mut conn)
         .await?;
     ensure!(status == 1, "publish script answered {status}");
