@@ -248,11 +248,17 @@ async fn raw_channels_lose_and_repeat_nothing_when_owners_die() -> anyhow::Resul
     cluster.nodes[second].kill();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.nodes[second].restart().await;
+    // Both kills and the restart must fall inside the production (a slower machine only
+    // widens the overlap, so this, not the producer's rate, is what the run is checked for).
+    let overlapped = !producer.is_finished();
 
     let (sent, elapsed) = producer.await??;
     let rate = sent as f64 / elapsed.as_secs_f64();
     eprintln!("produced {sent} notifications in {elapsed:?} ({rate:.0}/s)");
-    assert!(rate >= 1_000.0, "producer too slow: {rate:.0}/s");
+    assert!(
+        overlapped,
+        "the producer finished before the restart: the chaos was not under load"
+    );
     assert!(
         started.elapsed() > Duration::from_secs(7),
         "the run ended before the chaos did"

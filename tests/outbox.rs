@@ -244,11 +244,17 @@ async fn the_outbox_loses_and_repeats_nothing_when_every_node_dies() -> anyhow::
         node.restart().await;
     }
     eprintln!("every node restarted");
+    // The outage must fall inside the production (a slower machine only widens the overlap,
+    // so this, not the producer's rate, is what the run is checked for).
+    let overlapped = !producer.is_finished();
 
     let (sent, elapsed) = producer.await??;
     let rate = sent as f64 / elapsed.as_secs_f64();
     eprintln!("published {sent} outbox events in {elapsed:?} ({rate:.0}/s)");
-    assert!(rate >= 2_000.0, "producer too slow: {rate:.0}/s");
+    assert!(
+        overlapped,
+        "the producer finished before the nodes came back: no outage under load"
+    );
 
     let mut problems = Vec::new();
     for (home, follower) in followers.into_iter().enumerate() {
