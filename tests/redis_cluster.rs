@@ -637,11 +637,16 @@ async fn shared_limits_hold_across_nodes_on_the_cluster() -> anyhow::Result<()> 
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_lease_fence_holds_across_slots() -> anyhow::Result<()> {
+/// A node's Redis bus on `redis`, without a node around it: its tasks stop when the token is
+/// cancelled and the tracker waited for.
+async fn bus_on(
+    redis: &RedisCluster,
+) -> anyhow::Result<(
+    pgfanout::bus::redis::RedisBus,
+    tokio_util::task::TaskTracker,
+    tokio_util::sync::CancellationToken,
+)> {
     use pgfanout::bus::redis::{RedisBus, Target};
-    use pgfanout::bus::{Fence, FenceRecord, PublishOutcome, PublishRequest, Source};
-    let redis = RedisCluster::start(3, 0).await;
     let seeds: Vec<String> = redis.seeds().split(',').map(str::to_owned).collect();
     let tracker = tokio_util::task::TaskTracker::new();
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -659,6 +664,14 @@ async fn the_lease_fence_holds_across_slots() -> anyhow::Result<()> {
         cancel.clone(),
     )
     .await?;
+    Ok((bus, tracker, cancel))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_fence_holds_across_slots() -> anyhow::Result<()> {
+    use pgfanout::bus::{Fence, FenceRecord, PublishOutcome, PublishRequest, Source};
+    let redis = RedisCluster::start(3, 0).await;
+    let (bus, tracker, cancel) = bus_on(&redis).await?;
     // The lease and the channel live on different masters.
     let lease = "pgfanout:{ingest}:lease:3";
     let any = redis.running()[0];
@@ -733,26 +746,9 @@ async fn the_lease_fence_holds_across_slots() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_batch_across_slots_records_its_settled_prefix() -> anyhow::Result<()> {
-    use pgfanout::bus::redis::{RedisBus, Target};
     use pgfanout::bus::{Fence, FenceRecord, PublishOutcome, PublishRequest, Source};
     let redis = RedisCluster::start(3, 0).await;
-    let seeds: Vec<String> = redis.seeds().split(',').map(str::to_owned).collect();
-    let tracker = tokio_util::task::TaskTracker::new();
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let history = std::sync::Arc::new(pgfanout::bus::HistoryPolicy::uniform(
-        100,
-        Duration::from_secs(60),
-        Duration::from_secs(600),
-    ));
-    let hub = std::sync::Arc::new(pgfanout::hub::Hub::new());
-    let bus = RedisBus::connect_to(
-        Target::Cluster(&seeds),
-        hub,
-        history,
-        &tracker,
-        cancel.clone(),
-    )
-    .await?;
+    let (bus, tracker, cancel) = bus_on(&redis).await?;
     // Two channels on two different masters.
     let any = redis.running()[0];
     let mut by_master: BTreeMap<u16, String> = BTreeMap::new();
