@@ -206,10 +206,7 @@ impl RedisCluster {
                     && !fields.get(2).is_some_and(|f| f.contains("fail"))
                     && fields.len() > 8
             })
-            .filter_map(|line| {
-                let address = line.split_whitespace().nth(1)?;
-                address.split(['@', ':']).nth(1)?.parse().ok()
-            })
+            .filter_map(port_of)
             .collect();
         masters.sort_unstable();
         Ok(masters)
@@ -233,14 +230,7 @@ impl RedisCluster {
                 let flags = line.split_whitespace().nth(2).unwrap_or_default();
                 flags.contains("master") && !flags.contains("fail") && serves(line, slot)
             })
-            .and_then(|line| {
-                line.split_whitespace()
-                    .nth(1)?
-                    .split(['@', ':'])
-                    .nth(1)?
-                    .parse()
-                    .ok()
-            })
+            .and_then(port_of)
             .with_context(|| format!("no master serves slot {slot}"))
     }
 
@@ -248,17 +238,7 @@ impl RedisCluster {
     pub async fn replicas_of(&self, master: u16) -> anyhow::Result<Vec<u16>> {
         let id = self.id_of(master).await?;
         let lines = cli(master, &["CLUSTER", "REPLICAS", &id]).await?;
-        Ok(lines
-            .lines()
-            .filter_map(|line| {
-                line.split_whitespace()
-                    .nth(1)?
-                    .split(['@', ':'])
-                    .nth(1)?
-                    .parse()
-                    .ok()
-            })
-            .collect())
+        Ok(lines.lines().filter_map(port_of).collect())
     }
 
     /// A replication offset from `INFO replication` on `port` (`field`: `master_repl_offset`
@@ -343,4 +323,15 @@ impl Drop for RedisCluster {
             }
         }
     }
+}
+
+/// The port of the node a `CLUSTER NODES` (or `CLUSTER REPLICAS`) line describes: its second
+/// field is `ip:port@cport`.
+fn port_of(line: &str) -> Option<u16> {
+    line.split_whitespace()
+        .nth(1)?
+        .split(['@', ':'])
+        .nth(1)?
+        .parse()
+        .ok()
 }
